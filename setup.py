@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "monai==1.6.1",
     "fire",
     "segment-anything==1.0",
+    "timm",
     "pytorch-ignite==0.5.5",
     "mlflow>=3,<4",
     "monailabel==0.8.5",
