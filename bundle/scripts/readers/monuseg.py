@@ -7,13 +7,15 @@ Layout (any depth below the dataset folder; the XML sits next to its image)::
 
 Each Region is one nucleus polygon with vertices (x, y) = (col, row) in pixels. Regions are rasterised with
 ``skimage.draw.polygon`` (pixel centres inside the polygon, clipped to the image) in file order, instance ids
-1..N in that order; a later region overwrites an earlier one where they overlap. The data is untyped
-(no class map).
+1..N in that order; a later region overwrites an earlier one where they overlap. Vertices may overhang the
+image by a few pixels; an annotation reaching far beyond the image size is an error (wrong image). The data
+is untyped (no class map).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -56,11 +58,38 @@ def rasterise_polygons(polygons: list[np.ndarray], shape: tuple[int, int]) -> np
     return inst_map
 
 
+def check_fits_image(polygons: list[np.ndarray], shape: tuple[int, int], xml_path: str | Path) -> None:
+    """Raise ValueError naming the XML when vertices lie far outside an image of ``shape`` (rows, cols).
+
+    Annotations may overhang the border by a few pixels (they are clipped); beyond ``max(8, 5 %)`` of the image
+    size the annotation was almost certainly made for another image.
+    """
+    if not polygons or not any(len(p) for p in polygons):
+        return
+    vertices = np.concatenate(polygons)
+    height, width = shape
+    margin_x, margin_y = max(8.0, 0.05 * width), max(8.0, 0.05 * height)
+    (x0, y0), (x1, y1) = vertices.min(axis=0), vertices.max(axis=0)
+    if x0 < -margin_x or y0 < -margin_y or x1 > width + margin_x or y1 > height + margin_y:
+        raise ValueError(
+            f"{xml_path}: vertices span x {x0:.1f}..{x1:.1f}, y {y0:.1f}..{y1:.1f}, which does not fit the image "
+            f"size {width} x {height} (width x height) px"
+        )
+
+
 def load_record(name: str, image_path: str, xml_path: str) -> NucleusRecord:
-    """Read one image and rasterise its XML annotation into an instance map (ids 1..N in file order)."""
+    """Read one image and rasterise its XML annotation into an instance map (ids 1..N in file order).
+
+    Regions that end up covering no pixel (fewer than 3 vertices, too thin, or fully overwritten by later
+    regions) leave their id absent, with a warning naming the XML.
+    """
     image = read_image(image_path)
     polygons = parse_regions(xml_path)
+    check_fits_image(polygons, image.shape[:2], xml_path)
     inst_map = rasterise_polygons(polygons, image.shape[:2])
+    missing = len(polygons) - (len(np.unique(inst_map)) - 1)
+    if missing:
+        warnings.warn(f"{xml_path}: {missing} of {len(polygons)} regions cover no pixel; their ids are absent", stacklevel=2)
     return NucleusRecord(name=name, image=image, inst_map=inst_map, source=str(image_path))
 
 
