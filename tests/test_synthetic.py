@@ -134,7 +134,8 @@ def test_write_hovernet_layout(tmp_path):
 def test_write_other_layouts(tmp_path):
     folder = write_synthetic_dataset(tmp_path / "f", 1, size=(32, 32), n_nuclei=2, dataset_format="folder")
     assert {p.name for p in (folder / "labels").iterdir()} == {"synthetic_000.npy", "synthetic_000_type.npy"}
-    pannuke = write_synthetic_dataset(tmp_path / "p", 3, size=(32, 32), n_nuclei=2, num_classes=5, dataset_format="pannuke")
+    pannuke = write_synthetic_dataset(tmp_path / "p", 3, size=(32, 32), n_nuclei=2, num_classes=5,
+                                      dataset_format="pannuke")
     masks = np.load(pannuke / "Fold 1" / "masks" / "fold1" / "masks.npy")
     assert masks.shape == (3, 32, 32, 6)
     assert np.load(pannuke / "Fold 1" / "images" / "fold1" / "types.npy").shape == (3,)

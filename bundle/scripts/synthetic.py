@@ -154,7 +154,8 @@ def _keeps_earlier_intact(inst_map: np.ndarray, rows: np.ndarray, cols: np.ndarr
 
 
 def _place(rng: np.random.Generator, style: NucleusStyle, inst_map: np.ndarray, placed: list[_Nucleus],
-           full_areas: list[int], boxes: list[tuple[int, int, int, int]], overlap: bool) -> tuple[_Nucleus, np.ndarray, np.ndarray, np.ndarray] | None:
+           full_areas: list[int], boxes: list[tuple[int, int, int, int]],
+           overlap: bool) -> tuple[_Nucleus, np.ndarray, np.ndarray, np.ndarray] | None:
     """Find a position for one nucleus; returns it, its outline (x, y) and its pixels (rows, cols), or None."""
     size = inst_map.shape
     for _ in range(MAX_TRIES):
@@ -251,7 +252,8 @@ def generate(size: tuple[int, int] = (256, 256), n_nuclei: int = 30, num_classes
         boxes.append((int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1))
         _paint(nucleus, style, rng, chromatin, hema, eosin)
     if len(placed) < n_nuclei:
-        warnings.warn(f"synthetic image {name}: only {len(placed)} of {n_nuclei} nuclei fit in size {size}", stacklevel=2)
+        warnings.warn(f"synthetic image {name}: only {len(placed)} of {n_nuclei} nuclei fit in size {size}",
+                      stacklevel=3)
     record = NucleusRecord(name=name, image=_to_rgb(rng, hema, eosin), inst_map=inst_map,
                            type_map=type_map if num_classes else None, source=f"synthetic(seed={seed})")
     return record, outlines
@@ -369,7 +371,7 @@ def _write_monuseg(items: list[tuple[NucleusRecord, list[np.ndarray]]], out_dir:
 def write_synthetic_dataset(out_dir: str | Path, n_images: int, size: tuple[int, int] = (256, 256),
                             n_nuclei: int | tuple[int, int] = (20, 40), num_classes: int = 3, seed: int = 0,
                             dataset_format: str = "hovernet", overlap: bool = True) -> Path:
-    """Write ``n_images`` synthetic records (those of :func:`synthetic_dataset`) in a reader layout; returns ``out_dir``.
+    """Write the ``n_images`` records of :func:`synthetic_dataset` in a reader layout; returns ``out_dir``.
 
     Layouts: ``hovernet`` (``Images/*.png`` + ``Labels/*.mat`` with inst_map, type_map, inst_type (N, 1),
     inst_centroid (N, 2) as (x, y)), ``folder`` (``images/*.png`` + ``labels/*.npy`` + ``labels/*_type.npy``),

@@ -121,7 +121,8 @@ def as_label_map(array: np.ndarray, source: str | Path, what: str = "label map")
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
         raise ValueError(f"{source}: {what} has non-integer values")
     if array.size and (array.min() < 0 or array.max() > np.iinfo(np.int32).max):
-        raise ValueError(f"{source}: {what} values {array.min()}..{array.max()} are outside 0..{np.iinfo(np.int32).max}")
+        limit = np.iinfo(np.int32).max
+        raise ValueError(f"{source}: {what} values {array.min()}..{array.max()} are outside 0..{limit}")
     return np.ascontiguousarray(array, dtype=np.int32)
 
 

@@ -73,20 +73,20 @@ def _triples(dataset_dir: Path) -> list[tuple[Path, Path, Path | None]]:
     typed = [t for t in triples if t[2] is not None]
     if typed and len(typed) != len(triples):
         untyped = next(t[0] for t in triples if t[2] is None)
-        raise FileNotFoundError(f"{untyped}: class map not found ({labels_dir / untyped.stem}{TYPE_SUFFIX}.*) while other images have one")
+        raise FileNotFoundError(
+            f"{untyped}: class map not found ({labels_dir / untyped.stem}{TYPE_SUFFIX}.*) while other images have one"
+        )
     return triples
 
 
 def list_items(dataset_dir: Path) -> list[DatasetItem]:
     """One lazy item per image in ``images/``."""
-    return [
-        DatasetItem(
-            name=image.stem,
-            source=str(image),
-            loader=functools.partial(load_record, image.stem, str(image), str(label), None if kind is None else str(kind)),
-        )
-        for image, label, kind in _triples(dataset_dir)
-    ]
+    items = []
+    for image, label, type_path in _triples(dataset_dir):
+        type_file = None if type_path is None else str(type_path)
+        loader = functools.partial(load_record, image.stem, str(image), str(label), type_file)
+        items.append(DatasetItem(name=image.stem, source=str(image), loader=loader))
+    return items
 
 
 def _max_class(type_path: Path) -> int:
@@ -95,7 +95,8 @@ def _max_class(type_path: Path) -> int:
         try:
             return int(np.load(type_path, mmap_mode="r", allow_pickle=False).max(initial=0))
         except Exception as error:
-            raise ValueError(f"{type_path}: unreadable or corrupt class map ({type(error).__name__}: {error})") from error
+            message = f"{type_path}: unreadable or corrupt class map ({type(error).__name__}: {error})"
+            raise ValueError(message) from error
     return int(read_label_map(type_path, "class map").max(initial=0))
 
 

@@ -46,7 +46,8 @@ def read_mat_labels(mat_path: str | Path) -> tuple[np.ndarray, np.ndarray | None
     except Exception as error:  # scipy raises ValueError, TypeError, NotImplementedError (v7.3 HDF5), ...
         raise ValueError(f"{mat_path}: unreadable or corrupt .mat file ({type(error).__name__}: {error})") from error
     if "inst_map" not in mat:
-        raise ValueError(f"{mat_path}: no 'inst_map' variable (found {sorted(k for k in mat if not k.startswith('__'))})")
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise ValueError(f"{mat_path}: no 'inst_map' variable (found {found})")
     inst_map = as_label_map(mat["inst_map"], mat_path, "inst_map")
     if "type_map" in mat:
         type_map = as_label_map(mat["type_map"], mat_path, "type_map")
@@ -63,7 +64,9 @@ def type_map_from_inst_type(inst_map: np.ndarray, inst_type: np.ndarray, source:
     """Class map (H, W) int32 from ``inst_type`` (N, 1): instance id k (1..N) gets class ``inst_type[k - 1]``."""
     classes = as_label_map(np.asarray(inst_type).reshape(-1, 1), source, "inst_type")[:, 0]
     if inst_map.max(initial=0) > len(classes):
-        raise ValueError(f"{source}: inst_map has id {inst_map.max()} but inst_type lists only {len(classes)} instances")
+        raise ValueError(
+            f"{source}: inst_map has id {inst_map.max()} but inst_type lists only {len(classes)} instances"
+        )
     lookup = np.concatenate([[0], classes]).astype(np.int32)
     return lookup[inst_map]
 
@@ -99,10 +102,11 @@ def _paired_files(dataset_dir: Path) -> list[tuple[Path, Path]]:
 
 def list_items(dataset_dir: Path) -> list[DatasetItem]:
     """One lazy item per image in ``Images/``."""
-    return [
-        DatasetItem(name=image.stem, source=str(image), loader=functools.partial(load_record, image.stem, str(image), str(label)))
-        for image, label in _paired_files(dataset_dir)
-    ]
+    items = []
+    for image, label in _paired_files(dataset_dir):
+        loader = functools.partial(load_record, image.stem, str(image), str(label))
+        items.append(DatasetItem(name=image.stem, source=str(image), loader=loader))
+    return items
 
 
 def class_names(dataset_dir: Path) -> dict[int, str] | None:

@@ -40,10 +40,12 @@ def parse_regions(xml_path: str | Path) -> list[np.ndarray]:
     polygons = []
     for index, region in enumerate(root.iter("Region"), start=1):
         try:
-            vertices = [(float(v.attrib["X"]), float(v.attrib["Y"])) for v in region.iter("Vertex")]
-        except (KeyError, ValueError) as error:
+            vertices = np.array([(v.get("X"), v.get("Y")) for v in region.iter("Vertex")], dtype=np.float64)
+        except (TypeError, ValueError) as error:
             raise ValueError(f"{xml_path}: region {index} has a vertex without numeric X/Y ({error})") from error
-        polygons.append(np.asarray(vertices, dtype=np.float64).reshape(-1, 2))
+        if not np.all(np.isfinite(vertices)):  # a missing attribute converts to NaN
+            raise ValueError(f"{xml_path}: region {index} has a vertex without numeric X/Y")
+        polygons.append(vertices.reshape(-1, 2))
     return polygons
 
 
@@ -89,7 +91,8 @@ def load_record(name: str, image_path: str, xml_path: str) -> NucleusRecord:
     inst_map = rasterise_polygons(polygons, image.shape[:2])
     missing = len(polygons) - (len(np.unique(inst_map)) - 1)
     if missing:
-        warnings.warn(f"{xml_path}: {missing} of {len(polygons)} regions cover no pixel; their ids are absent", stacklevel=2)
+        message = f"{xml_path}: {missing} of {len(polygons)} regions cover no pixel; their ids are absent"
+        warnings.warn(message, stacklevel=2)
     return NucleusRecord(name=name, image=image, inst_map=inst_map, source=str(image_path))
 
 

@@ -112,7 +112,8 @@ def check_fold(fold: Fold) -> list[str]:
         raise ValueError(f"{fold.images}: expected (N, H, W, 3) RGB images, got shape {images.shape}")
     if masks.ndim != 4 or masks.shape[:3] != images.shape[:3] or masks.shape[3] < NUM_TYPE_CHANNELS:
         raise ValueError(
-            f"{fold.masks}: shape {masks.shape} does not match images {images.shape[:3]} + (6 channels) of {fold.images}"
+            f"{fold.masks}: shape {masks.shape} does not match images {images.shape[:3]} + (6 channels) "
+            f"of {fold.images}"
         )
     if len(tissues) != images.shape[0]:
         raise ValueError(f"{fold.types}: {len(tissues)} tissue names for {images.shape[0]} images in {fold.images}")
