@@ -8,6 +8,7 @@ Dictionary keys (channel-first, the MONAI convention):
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -46,10 +47,16 @@ def split_items(
     return sorted(train, key=lambda it: it.name), sorted(val, key=lambda it: it.name)
 
 
+TILE_NAME = re.compile(r"^(.+_\d+)_\d{3}$")
+
+
 def _group_of(name: str) -> str:
-    """The source image of a tile name: ``train_10_003`` → ``train_10``; other names are their own group."""
-    head, _, tail = name.rpartition("_")
-    return head if head and tail.isdigit() and len(tail) == 3 else name
+    """The source image of a tile name ``<image>_<k>_<tile>``: ``train_10_003`` → ``train_10``.
+
+    Any other name (``synthetic_003``, ``TCGA-...``) is its own group.
+    """
+    match = TILE_NAME.match(name)
+    return match.group(1) if match else name
 
 
 def train_val_items(

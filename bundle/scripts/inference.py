@@ -1,0 +1,295 @@
+"""Run the automatic pipeline on image files and whole slides and write the outputs a pathologist uses.
+
+Per input ``<stem>`` in ``output_dir``:
+
+- ``<stem>_inst.tif`` (int32 instance map) and ``<stem>_type.tif`` (uint8 class map) — images only;
+- ``<stem>.geojson`` — QuPath detections, one Polygon per nucleus with its class and measurements;
+- ``<stem>.csv`` — one row per nucleus (see :data:`scripts.measurements.TABLE_COLUMNS`);
+- ``<stem>_overlay.png`` — contours coloured by class (a thumbnail for slides).
+
+Coordinates in the vector outputs are level-0 pixels, (x, y) = (col, row). One bad file does not stop the others:
+failures are listed at the end and :func:`run_inference` raises :class:`InferenceFailures` (non-zero exit).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely.affinity
+import tifffile
+import torch
+from tqdm import tqdm
+
+from scripts.measurements import instance_polygons, nucleus_table
+from scripts.pipeline import PromptNucSeg, tile_grid
+from scripts.readers.common import read_image
+from scripts.records import load_class_table
+from scripts.writers import CSVWriter, GeoJSONWriter, write_csv, write_geojson, write_label_maps, write_overlay
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".ndpi")
+SLIDE_SUFFIXES = (".svs", ".ndpi")
+
+
+class InferenceFailures(RuntimeError):
+    """Some inputs could not be processed; ``failures`` maps each file to its error message."""
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        self.failures = failures
+        lines = "\n".join(f"  {path}: {message}" for path, message in failures.items())
+        super().__init__(f"{len(failures)} input(s) failed:\n{lines}")
+
+
+@dataclass
+class SlideOptions:
+    """Whole-slide settings: the level read (by ``mpp`` µm/px or ``level``), tile size/overlap in that level's
+    px, the tissue mask threshold, the reader backend, and the longest side of the overlay thumbnail (px)."""
+
+    mpp: float | None = None
+    level: int | None = None
+    tile_size: int = 1024
+    tile_overlap: int = 128
+    min_tissue_fraction: float = 0.05
+    backend: str = "tifffile"
+    thumbnail_size: int = 2048
+    min_slide_side: int = 8192
+
+
+@dataclass
+class InferenceSummary:
+    """What a run produced: ``outputs[input] = {kind: path}``, nuclei per input, seconds per input."""
+
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    nuclei: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def list_inputs(input_dir: str | None = None, input_file: str | None = None) -> list[Path]:
+    """The files to process: ``input_file``, or every image of ``input_dir`` (sorted), never both."""
+    if bool(input_dir) == bool(input_file):
+        raise ValueError("give exactly one of --input_dir or --input_file")
+    if input_file:
+        path = Path(input_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"input_file not found: {path}")
+        return [path]
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input_dir not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in input_dir {folder}")
+    return files
+
+
+def is_whole_slide(path: Path, min_side: int = 8192) -> bool:
+    """A slide: an SVS/NDPI file, or a TIFF with a multi-resolution pyramid or a side of at least ``min_side``."""
+    if path.suffix.lower() in SLIDE_SUFFIXES:
+        return True
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return len(series.levels) > 1 or max(series.shape[:2]) >= min_side
+    except Exception as error:  # a corrupt TIFF is reported by the image reader with its own message
+        logger.debug("%s: not readable as TIFF (%s)", path, error)
+        return False
+
+
+def run_inference(
+    network: PromptNucSeg,
+    output_dir: str,
+    input_dir: str | None = None,
+    input_file: str | None = None,
+    class_table: dict[int, dict] | None = None,
+    slide_options: SlideOptions | None = None,
+    save_label_maps: bool = True,
+    shard: Any = None,
+) -> InferenceSummary:
+    """Segment every input and write its outputs; raise :class:`InferenceFailures` listing the files that failed.
+
+    Args:
+        network: the pipeline (eval mode).
+        output_dir: folder of the outputs (created).
+        input_dir, input_file: what to process (exactly one).
+        class_table: ``{class_id: {"name", "color"}}``; default the bundle's ``metadata.json``.
+        slide_options: whole-slide settings.
+        save_label_maps: write ``_inst.tif``/``_type.tif`` for images.
+        shard: optional callable ``list -> list`` selecting this process's inputs (distributed inference).
+    """
+    files = list_inputs(input_dir, input_file)
+    if shard is not None:
+        files = shard(files)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    class_table = class_table or load_class_table()
+    slide_options = slide_options or SlideOptions()
+    summary, failures = InferenceSummary(), {}
+    for path in files:
+        start = time.perf_counter()
+        try:
+            if is_whole_slide(path, slide_options.min_slide_side):
+                outputs, count = segment_slide(network, path, out, class_table, slide_options)
+            else:
+                outputs, count = segment_image_file(network, path, out, class_table, save_label_maps)
+        except Exception as error:  # one bad file must not stop the others; it is reported at the end
+            logger.error("%s: %s", path, error)
+            failures[str(path)] = f"{type(error).__name__}: {error}"
+            continue
+        summary.outputs[str(path)] = {k: str(v) for k, v in outputs.items()}
+        summary.nuclei[str(path)] = count
+        summary.seconds[str(path)] = time.perf_counter() - start
+        logger.info("%s: %d nuclei in %.2f s", path.name, count, summary.seconds[str(path)])
+    if failures:
+        raise InferenceFailures(failures)
+    return summary
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) → float (3, H, W) in [0, 255]."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+
+
+def segment_image_file(network: PromptNucSeg, path: Path, output_dir: Path, class_table: dict[int, dict],
+                       save_label_maps: bool = True) -> tuple[dict[str, Path], int]:
+    """Segment one image file and write its five outputs."""
+    image = read_image(path)
+    if image.size == 0 or min(image.shape[:2]) == 0:
+        raise ValueError(f"{path}: empty image (shape {image.shape})")
+    result = network(image_tensor(image))
+    return write_image_outputs(path.stem, image, result, output_dir, class_table, save_label_maps)
+
+
+def write_image_outputs(stem: str, image: np.ndarray, result: dict[str, torch.Tensor], output_dir: Path,
+                        class_table: dict[int, dict], save_label_maps: bool = True) -> tuple[dict[str, Path], int]:
+    """Write the outputs of one segmented image; returns the paths and the number of nuclei."""
+    inst_map = result["inst_map"].numpy().astype(np.int32)
+    type_map = result["type_map"].numpy()
+    ids = np.arange(1, len(result["classes"]) + 1)
+    classes, scores, ious = _per_id(ids, result)
+    outputs: dict[str, Path] = {}
+    if save_label_maps:
+        outputs.update(write_label_maps(output_dir, stem, inst_map, type_map))
+    table = nucleus_table(inst_map, image, classes, scores, ious, class_table=class_table)
+    polygons = instance_polygons(inst_map)
+    outputs["geojson"] = write_geojson(output_dir / f"{stem}.geojson", polygons, table, class_table)
+    outputs["csv"] = write_csv(output_dir / f"{stem}.csv", table)
+    outputs["overlay"] = write_overlay(output_dir / f"{stem}_overlay.png", image, inst_map, type_map, class_table)
+    return outputs, len(ids)
+
+
+def _per_id(ids: np.ndarray, result: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    classes = dict(zip(ids.tolist(), result["classes"].tolist()))
+    scores = dict(zip(ids.tolist(), result["scores"].tolist()))
+    ious = dict(zip(ids.tolist(), result["ious"].tolist()))
+    return classes, scores, ious
+
+
+def segment_slide(network: PromptNucSeg, path: Path, output_dir: Path, class_table: dict[int, dict],
+                  options: SlideOptions) -> tuple[dict[str, Path], int]:
+    """Segment a whole slide tile by tile (tissue only), streaming the vector outputs; memory stays flat.
+
+    A nucleus is kept by the slide tile whose core holds its prompt point (the same rule as inside an image).
+    Outputs are in level-0 pixels: polygons, centroids, area (px²) and perimeter (px) are scaled from the level
+    read by its downsample factor.
+    """
+    from scripts import wsi  # the slide readers are only needed here
+
+    stem = path.stem
+    with wsi.open_slide(path, backend=options.backend) as slide:
+        level = wsi.choose_level(slide, mpp=options.mpp, level=options.level)
+        info = slide.levels[level]
+        mask = wsi.tissue_mask(slide)
+        tiles = wsi.iter_tiles(slide, level, options.tile_size, options.tile_overlap, mask,
+                               options.min_tissue_fraction)
+        cores = {(t.x0, t.y0): t for t in tile_grid(info.height, info.width, options.tile_size, options.tile_overlap)}
+        thumb_scale = max(info.width, info.height) / options.thumbnail_size
+        thumb_scale = max(thumb_scale, 1.0)
+        thumb_shape = (max(1, int(info.height / thumb_scale)), max(1, int(info.width / thumb_scale)))
+        thumb_inst = np.zeros(thumb_shape, np.int32)
+        thumb_type = np.zeros(thumb_shape, np.int32)
+        geojson_path, csv_path = output_dir / f"{stem}.geojson", output_dir / f"{stem}.csv"
+        count = 0
+        with GeoJSONWriter(geojson_path, class_table) as geo, CSVWriter(csv_path) as csv_out:
+            for tile in tqdm(tiles, desc=stem, unit="tile"):
+                core = cores[(tile.x, tile.y)]
+                inst_map, type_map, table, polygons = _segment_slide_tile(network, tile, core, info, class_table,
+                                                                          count)
+                geo.add(polygons, table)
+                csv_out.add(table)
+                _paint_thumbnail(thumb_inst, thumb_type, inst_map, type_map, tile.x, tile.y, thumb_scale)
+                count += len(table)
+        thumbnail = wsi.read_thumbnail(slide, max_size=options.thumbnail_size)
+    thumbnail = _fit(thumbnail, thumb_shape)
+    overlay = write_overlay(output_dir / f"{stem}_overlay.png", thumbnail, thumb_inst, thumb_type, class_table)
+    return {"geojson": geojson_path, "csv": csv_path, "overlay": overlay}, count
+
+
+def _segment_slide_tile(network: PromptNucSeg, tile: Any, core: Any, info: Any, class_table: dict[int, dict],
+                        first_id: int) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
+    """Nuclei of one slide tile whose prompt lies in its core, with slide-unique ids from ``first_id + 1``."""
+    result = network(image_tensor(tile.image))
+    points = result["points"]
+    core_points = points + torch.tensor([tile.x, tile.y], dtype=torch.float32)
+    keep = core.core_holds(core_points).numpy()
+    inst_map = result["inst_map"].numpy()
+    relabel = np.zeros(len(keep) + 1, np.int32)
+    relabel[1:][keep] = np.arange(first_id + 1, first_id + 1 + int(keep.sum()), dtype=np.int32)
+    inst_map = relabel[inst_map]
+    type_map = np.where(inst_map > 0, result["type_map"].numpy(), 0)
+    ids = relabel[1:][keep]
+    kept = {k: v[torch.from_numpy(keep)] for k, v in result.items() if k in ("classes", "scores", "ious")}
+    classes, scores, ious = (dict(zip(ids.tolist(), kept[k].tolist())) for k in ("classes", "scores", "ious"))
+    table = nucleus_table(inst_map, tile.image, classes, scores, ious, class_table=class_table)
+    sx, sy = info.downsample_x, info.downsample_y
+    for row in table:
+        row["centroid_x"] = (row["centroid_x"] + tile.x) * sx
+        row["centroid_y"] = (row["centroid_y"] + tile.y) * sy
+        row["area"] = row["area"] * sx * sy
+        row["perimeter"] = row["perimeter"] * (sx + sy) / 2
+    polygons = {
+        i: shapely.affinity.scale(shapely.affinity.translate(p, tile.x, tile.y), sx, sy, origin=(0, 0))
+        for i, p in instance_polygons(inst_map).items()
+    }
+    return inst_map, type_map, table, polygons
+
+
+def _paint_thumbnail(thumb_inst: np.ndarray, thumb_type: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray,
+                     x: int, y: int, scale: float) -> None:
+    """Nearest-neighbour paint of a tile's labels (level px at (x, y)) into the thumbnail label maps."""
+    rows, cols = np.nonzero(inst_map)
+    if rows.size == 0:
+        return
+    tr = np.minimum(((rows + y) / scale).astype(np.intp), thumb_inst.shape[0] - 1)
+    tc = np.minimum(((cols + x) / scale).astype(np.intp), thumb_inst.shape[1] - 1)
+    thumb_inst[tr, tc] = inst_map[rows, cols]
+    thumb_type[tr, tc] = type_map[rows, cols]
+
+
+def _fit(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a thumbnail to exactly ``shape`` (rows, cols) by nearest neighbour (sizes differ by rounding only)."""
+    rows = np.minimum((np.arange(shape[0]) * image.shape[0] / shape[0]).astype(np.intp), image.shape[0] - 1)
+    cols = np.minimum((np.arange(shape[1]) * image.shape[1] / shape[1]).astype(np.intp), image.shape[1] - 1)
+    return image[np.ix_(rows, cols)]
+
+
+def main_inference(network: PromptNucSeg, output_dir: str, input_dir: str | None, input_file: str | None,
+                   slide_options: SlideOptions, save_label_maps: bool = True, shard: Any = None,
+                   metadata_file: str | None = None) -> InferenceSummary:
+    """Bundle entry point (``inference`` run id): run, log a summary, re-raise failures after the others ran."""
+    class_table = load_class_table(metadata_file) if metadata_file else load_class_table()
+    summary = run_inference(network, output_dir, input_dir, input_file, class_table, slide_options,
+                            save_label_maps, shard)
+    total = sum(summary.nuclei.values())
+    seconds = sum(summary.seconds.values())
+    logger.info("inference done: %d input(s), %d nuclei, %.1f s -> %s", len(summary.nuclei), total, seconds,
+                output_dir)
+    return summary
+
