@@ -25,3 +25,34 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         raise FileNotFoundError(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+BUNDLE_PYTHON = sys.executable
+
+
+def bundle_env(threads: int = 2) -> dict:
+    """Environment of a bundle command run by a test: few threads, no telemetry, the bundle importable."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        MLFLOW_DISABLE_TELEMETRY="true",
+        PYTHONPATH=str(BUNDLE_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+def run_bundle(run_id: str, config_file: str, *args: str, timeout: float = 900, check: bool = True):
+    """Run ``python -m monai.bundle run <run_id> --config_file <config_file> <args>`` from ``bundle/``.
+
+    Returns the CompletedProcess (stdout and stderr merged into ``stdout``); with ``check`` a non-zero exit
+    fails the test showing the end of the log.
+    """
+    import subprocess
+
+    cmd = [BUNDLE_PYTHON, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *args]
+    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=bundle_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
+    return proc

@@ -1,0 +1,39 @@
+"""The automatic pipeline: tile geometry, prompts → instances, tiled vs untiled agreement."""
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.pipeline import PromptNucSeg, negative_prompts, tile_grid
+
+
+@pytest.mark.parametrize("height,width,size,overlap", [(1024, 1024, 256, 64), (300, 700, 256, 64), (100, 90, 256, 64),
+                                                       (1000, 1000, 256, 32)])
+def test_tile_cores_partition_the_image(height, width, size, overlap):
+    tiles = tile_grid(height, width, size, overlap)
+    count = np.zeros((height, width), np.int32)
+    for t in tiles:
+        assert t.x0 <= t.core_x0 < t.core_x1 <= min(t.x0 + size, width)
+        assert t.y0 <= t.core_y0 < t.core_y1 <= min(t.y0 + size, height)
+        count[t.core_y0:t.core_y1, t.core_x0:t.core_x1] += 1
+        # context: an inner core edge is at least overlap/2 px from the window edge
+        if t.core_x0 > 0:
+            assert t.core_x0 - t.x0 >= overlap // 2
+        if t.core_x1 < width:
+            assert t.x0 + size - t.core_x1 >= overlap // 2
+    assert (count == 1).all()
+
+
+def test_tile_grid_rejects_bad_overlap():
+    with pytest.raises(ValueError, match="tile_overlap"):
+        tile_grid(512, 512, 256, 256)
+
+
+def test_negative_prompts_use_extra_pool_but_only_points_get_rows():
+    points = torch.tensor([[10.0, 10.0], [50.0, 50.0]])
+    extra = torch.tensor([[12.0, 10.0]])
+    coords, labels = negative_prompts(points, extra, 1)
+    assert coords.shape == (2, 2, 2) and labels.tolist() == [[1, 0], [1, 0]]
+    assert coords[0, 1].tolist() == [12.0, 10.0]  # the extra point is the nearest negative of the first
+    coords, labels = negative_prompts(points[:1], None, 2)
+    assert labels.tolist() == [[1, -1, -1]]
