@@ -1,0 +1,143 @@
+"""Segmentor speed on this machine: parameters, encoder seconds per tile, decoder seconds per prompt.
+
+For each variant at 256 px: the image encoder on one tile (batch 1), and the mask decoder batched over Z prompts of
+one tile (Z = 1, 40, 150; one positive + one negative point each, masks upsampled to 256 px), medians after
+warm-up. Prints the machine and writes a markdown table to ``docs/benchmarks/segmentor.md``.
+
+Usage (from the repository root): ``.venv/bin/python benchmarks/bench_segmentor.py [--threads 2] [--variants vit_tiny vit_b]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bundle"))
+
+from scripts.segmentor_net import build_segmentor  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def timed(fn, warmup: int, repeats: int) -> tuple[float, float]:
+    """(median, min) wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), min(times)
+
+
+def bench_variant(variant: str, image_size: int, prompts: list[int], repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = build_segmentor(variant, image_size).eval()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    row = {
+        "variant": variant,
+        "params_total": count(model),
+        "params_encoder": count(model.image_encoder),
+        "params_prompt": count(model.prompt_encoder),
+        "params_decoder": count(model.mask_decoder),
+        "grid": model.embedding_size[0],
+    }
+    image = torch.rand(1, 3, image_size, image_size) * 255
+    with torch.inference_mode():
+        row["encoder_s"] = timed(lambda: model.encode(image), warmup=1, repeats=repeats)
+        emb = model.encode(image)
+        for z in prompts:
+            coords = torch.rand(z, 2, 2) * (image_size - 1)
+            labels = torch.tensor([1, 0]).repeat(z, 1)
+            row[f"decoder_{z}"] = timed(lambda: model.decode(emb, coords, labels), warmup=1, repeats=repeats)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["vit_tiny", "vit_b"])
+    ap.add_argument("--image_size", type=int, default=256)
+    ap.add_argument("--prompts", nargs="+", type=int, default=[1, 40, 150])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "segmentor.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    load_before = os.getloadavg()
+    machine = (
+        f"CPU: {cpu_name()} ({os.cpu_count()} logical cores), torch {torch.__version__} with {torch.get_num_threads()} "
+        f"threads, fp32, Python {platform.python_version()}, load average before {load_before[0]:.2f}"
+    )
+    print(machine, flush=True)
+    rows = []
+    for v in args.variants:
+        row = bench_variant(v, args.image_size, args.prompts, args.repeats)
+        rows.append(row)
+        print(row, flush=True)
+    load_after = os.getloadavg()
+
+    header = (
+        "| variant | tokens | params total (M) | encoder (M) | prompt enc. (M) | decoder (M) | encoder s/tile | "
+        + " | ".join(f"decoder @{z} prompts: ms/prompt" for z in args.prompts)
+        + " |"
+    )
+    lines = [
+        "# Segmentor speed (CPU)",
+        "",
+        f"Written by `benchmarks/bench_segmentor.py` on {time.strftime('%Y-%m-%d %H:%M')}.",
+        "",
+        machine + f"; load average after {load_after[0]:.2f}.",
+        "",
+        f"Input {args.image_size} px; encoder on one tile (batch 1); decoder = prompt encoder + mask decoder batched "
+        "over all prompts of one tile (1 positive + 1 negative point each, single-mask output upsampled to "
+        f"{args.image_size} px). Median of {args.repeats} runs after one warm-up, the fastest run in brackets (less "
+        "sensitive to other processes). Decoder columns: milliseconds per prompt = seconds per batched call / "
+        "prompts. Random weights (speed does not depend on them).",
+        "",
+        header,
+        "|" + "---|" * (7 + len(args.prompts)),
+    ]
+    for r in rows:
+        cells = [
+            r["variant"],
+            f"{r['grid']}x{r['grid']}",
+            f"{r['params_total'] / 1e6:.2f}",
+            f"{r['params_encoder'] / 1e6:.2f}",
+            f"{r['params_prompt'] / 1e6:.3f}",
+            f"{r['params_decoder'] / 1e6:.2f}",
+            f"{r['encoder_s'][0]:.3f} ({r['encoder_s'][1]:.3f})",
+        ] + [f"{1e3 * r[f'decoder_{z}'][0] / z:.2f} ({1e3 * r[f'decoder_{z}'][1] / z:.2f})" for z in args.prompts]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The machine is shared: a load average above the thread count means other processes competed for the "
+        "cores and the figures are upper bounds.",
+        "",
+    ]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""The PromptNucSeg segmentor: Segment Anything (image encoder, prompt encoder, mask decoder) prompted by points.
+
+Built from ``segment_anything.modeling`` (not a re-written SAM), with a registry of variants like
+``segment_anything.build_sam``: the official ``vit_b`` / ``vit_l`` / ``vit_h`` and a small CPU-trainable
+``vit_tiny``. Tiles go in at their own size (256 px, not resized to 1024); an official SAM checkpoint is adapted
+on load: the absolute position embedding (1, 64, 64, C) is resized bicubically to the token grid and the
+relative-position tables are resized linearly (global-attention blocks: 2*64-1 -> 2*grid-1; window blocks keep
+2*14-1 unless the window changes).
+
+Coordinates: prompts are (x, y) = (col, row) in pixels of the input image (SAM adds 0.5 to reach the pixel centre).
+Point labels: 1 positive, 0 negative, -1 padding (ignored by the prompt encoder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from torch import nn
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+SAM_PRETRAIN_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class SegmentorSpec:
+    """Architecture of one variant; every field can be overridden in :func:`build_segmentor`.
+
+    Attributes:
+        embed_dim, depth, num_heads: ViT width, number of blocks, attention heads.
+        global_attn_indexes: blocks with global attention; the others attend within ``window_size`` windows
+            (the token grid is padded to a multiple of the window).
+        window_size: window of the windowed-attention blocks, in tokens.
+        patch_size: pixels per token side; token grid = image_size / patch_size.
+        mlp_ratio: ViT MLP width / embed_dim.
+        prompt_dim: channels of the image embedding and prompt tokens (SAM: 256).
+        decoder_depth, decoder_mlp_dim, decoder_heads: the mask decoder's two-way transformer.
+    """
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
+    prompt_dim: int = 256
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+
+
+SEGMENTOR_VARIANTS: dict[str, SegmentorSpec] = {
+    "vit_tiny": SegmentorSpec(embed_dim=192, depth=4, num_heads=3, global_attn_indexes=(1, 3), window_size=8),
+    "vit_b": SegmentorSpec(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": SegmentorSpec(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": SegmentorSpec(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+}
+
+
+class Segmentor(nn.Module):
+    """SAM with single-mask output for one-prompt-one-nucleus segmentation.
+
+    Submodule names match SAM's (``image_encoder``, ``prompt_encoder``, ``mask_decoder``), so official state-dict
+    keys load unchanged. Images are float RGB in [0, 255]; normalisation (SAM's pixel mean / std) happens inside.
+
+    Args:
+        image_encoder, prompt_encoder, mask_decoder: the ``segment_anything.modeling`` modules.
+        image_size: side of the square input the encoder was built for, in pixels. Smaller inputs are padded
+            right / bottom (as SAM does) and outputs cropped back.
+        config: the variant and spec this model was built from (stored in our checkpoints).
+    """
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoderViT,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        image_size: int,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.image_size = int(image_size)
+        self.config = dict(config or {})
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
+
+    @property
+    def embedding_size(self) -> tuple[int, int]:
+        """Token grid (h, w) of the image embedding."""
+        return tuple(self.prompt_encoder.image_embedding_size)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise (B, 3, H, W) float [0, 255] and pad right / bottom to (B, 3, image_size, image_size)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h > self.image_size or w > self.image_size:
+            raise ValueError(f"image {h}x{w} is larger than the segmentor's image_size {self.image_size}")
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings.
+
+        Args:
+            images: (B, 3, H, W) float RGB in [0, 255], H, W <= image_size.
+
+        Returns:
+            (B, prompt_dim, h, w) with (h, w) = image_size / patch_size.
+        """
+        return self.image_encoder(self.preprocess(images))
+
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        input_size: tuple[int, int] | None = None,
+        low_res: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One mask per prompt for one image; the mask decoder runs once on all Z prompts (no per-prompt loop).
+
+        Args:
+            embedding: (C, h, w) or (1, C, h, w), from :meth:`encode`.
+            point_coords: (Z, P, 2) float, (x, y) = (col, row) in input-image pixels.
+            point_labels: (Z, P) int, 1 positive, 0 negative, -1 padding.
+            input_size: (H, W) of the image before padding (default: image_size square).
+            low_res: return the decoder's native masks, (Z, 4h, 4w) cropped to the image (= H/4 for patch 16),
+                instead of upsampling to (H, W).
+
+        Returns:
+            mask_logits (Z, H, W) (or low-res, see above) and iou_pred (Z,): the single-mask output (token 0).
+        """
+        if embedding.ndim == 3:
+            embedding = embedding[None]
+        if embedding.ndim != 4 or embedding.shape[0] != 1:
+            raise ValueError(f"embedding must be (C, h, w) or (1, C, h, w), got {tuple(embedding.shape)}")
+        if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_labels.shape != point_coords.shape[:2]:
+            raise ValueError(
+                f"point_coords must be (Z, P, 2) and point_labels (Z, P); got {tuple(point_coords.shape)} and "
+                f"{tuple(point_labels.shape)}"
+            )
+        H, W = input_size or (self.image_size, self.image_size)
+        s = self.mask_decoder_scale
+        out_h, out_w = (round(H * s), round(W * s)) if low_res else (H, W)
+        num = point_coords.shape[0]
+        if num == 0:
+            return embedding.new_zeros((0, out_h, out_w)), embedding.new_zeros((0,))
+        sparse, dense = self.prompt_encoder(
+            points=(point_coords.to(embedding), point_labels.to(embedding.device)), boxes=None, masks=None
+        )
+        low, iou = self.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        if low_res:
+            return low[:, 0, :out_h, :out_w], iou[:, 0]
+        masks = F.interpolate(low, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return masks[:, 0, :H, :W], iou[:, 0]
+
+    @property
+    def mask_decoder_scale(self) -> float:
+        """Low-res mask pixels per input pixel (4 * h / image_size; 1/4 for patch 16)."""
+        return 4 * self.embedding_size[0] / self.image_size
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        prompt_valid: torch.Tensor | None = None,
+        low_res: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Masks for Z prompts on each of B images; the encoder runs once per image.
+
+        Args:
+            images: (B, 3, H, W) float RGB in [0, 255].
+            point_coords: (B, Z, P, 2) float, (x, y) = (col, row) in input pixels.
+            point_labels: (B, Z, P) int, 1 positive, 0 negative, -1 padding.
+            prompt_valid: optional (B, Z) bool; invalid (padding) prompts are not decoded and get logits 0 and
+                iou_pred 0 (:class:`scripts.segmentor_loss.SegmentorLoss` ignores them).
+            low_res: masks at the decoder's native resolution (B, Z, H/4, W/4 for patch 16).
+
+        Returns:
+            ``{"mask_logits": (B, Z, H, W), "iou_pred": (B, Z)}``.
+        """
+        B, Z = point_coords.shape[:2]
+        if images.shape[0] != B or point_labels.shape[:2] != (B, Z):
+            raise ValueError(
+                f"batch mismatch: images {tuple(images.shape)}, point_coords {tuple(point_coords.shape)}, "
+                f"point_labels {tuple(point_labels.shape)}"
+            )
+        H, W = images.shape[-2:]
+        embeddings = self.encode(images)
+        masks, ious = [], []
+        for b in range(B):
+            if prompt_valid is None:
+                m, i = self.decode(embeddings[b], point_coords[b], point_labels[b], (H, W), low_res)
+            else:
+                keep = prompt_valid[b].to(torch.bool)
+                m_v, i_v = self.decode(embeddings[b], point_coords[b][keep], point_labels[b][keep], (H, W), low_res)
+                m = m_v.new_zeros((Z,) + tuple(m_v.shape[1:])).index_put((keep,), m_v)
+                i = i_v.new_zeros((Z,)).index_put((keep,), i_v)
+            masks.append(m)
+            ious.append(i)
+        return {"mask_logits": torch.stack(masks), "iou_pred": torch.stack(ious)}
+
+
+def build_segmentor(
+    variant: str = "vit_tiny",
+    image_size: int = 256,
+    checkpoint: str | Path | None = None,
+    freeze_prompt_encoder: bool = True,
+    freeze_image_encoder: bool = False,
+    freeze_mask_decoder: bool = False,
+    **overrides: Any,
+) -> Segmentor:
+    """Build a segmentor variant, optionally from an official SAM checkpoint (adapted to ``image_size``).
+
+    Args:
+        variant: a key of :data:`SEGMENTOR_VARIANTS` (``vit_tiny``, ``vit_b``, ``vit_l``, ``vit_h``).
+        image_size: input side in pixels (256 for PanNuke tiles / 256 px windows); must be a multiple of patch_size.
+        checkpoint: an official SAM ``.pth`` state dict (e.g. ``sam_vit_b_01ec64.pth``); None: random init
+            (ViTDet-style truncated-normal init of the image encoder, for training from scratch).
+        freeze_prompt_encoder, freeze_image_encoder, freeze_mask_decoder: set ``requires_grad=False``.
+        **overrides: any :class:`SegmentorSpec` field (e.g. ``patch_size=8``, ``window_size=16``).
+
+    Raises:
+        KeyError: unknown variant. TypeError: unknown override. FileNotFoundError: missing checkpoint.
+        ValueError: a checkpoint whose keys or shapes do not fit after resizing (the keys are listed).
+    """
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"segmentor checkpoint not found: {checkpoint}")
+    if variant not in SEGMENTOR_VARIANTS:
+        raise KeyError(f"unknown segmentor variant {variant!r}; known: {sorted(SEGMENTOR_VARIANTS)}")
+    fields = {f.name for f in dataclasses.fields(SegmentorSpec)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown segmentor override(s) {unknown}; valid: {sorted(fields)}")
+    if "global_attn_indexes" in overrides:
+        overrides["global_attn_indexes"] = tuple(overrides["global_attn_indexes"])
+    spec = dataclasses.replace(SEGMENTOR_VARIANTS[variant], **overrides)
+    if image_size % spec.patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {spec.patch_size}")
+    grid = image_size // spec.patch_size
+
+    image_encoder = ImageEncoderViT(
+        img_size=image_size,
+        patch_size=spec.patch_size,
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        mlp_ratio=spec.mlp_ratio,
+        out_chans=spec.prompt_dim,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        global_attn_indexes=spec.global_attn_indexes,
+        window_size=spec.window_size,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=spec.prompt_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(image_size, image_size),
+        mask_in_chans=16,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(
+            depth=spec.decoder_depth,
+            embedding_dim=spec.prompt_dim,
+            mlp_dim=spec.decoder_mlp_dim,
+            num_heads=spec.decoder_heads,
+        ),
+        transformer_dim=spec.prompt_dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    config = {"variant": variant, "image_size": image_size, **dataclasses.asdict(spec)}
+    config["global_attn_indexes"] = list(spec.global_attn_indexes)
+    model = Segmentor(image_encoder, prompt_encoder, mask_decoder, image_size, config)
+    if checkpoint is None:
+        _init_image_encoder(model.image_encoder)
+    else:
+        load_sam_checkpoint(model, checkpoint)
+    for module, frozen in (
+        (model.prompt_encoder, freeze_prompt_encoder),
+        (model.image_encoder, freeze_image_encoder),
+        (model.mask_decoder, freeze_mask_decoder),
+    ):
+        module.requires_grad_(not frozen)
+    return model
+
+
+def _init_image_encoder(encoder: ImageEncoderViT) -> None:
+    """ViTDet-style init for training from scratch (SAM's encoder has none: it is always loaded from MAE/SAM)."""
+    for m in encoder.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    if encoder.pos_embed is not None:
+        nn.init.trunc_normal_(encoder.pos_embed, std=0.02)
+
+
+def resize_abs_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, H0, W0, C) absolute position embedding -> (1, h, w, C), bicubic (align_corners=False)."""
+    x = pos_embed.permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=grid, mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).to(pos_embed.dtype).contiguous()
+
+
+def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """(L0, C) relative-position table -> (length, C), linear (as ``segment_anything``'s ``get_rel_pos``)."""
+    x = F.interpolate(rel_pos.float().T[None], size=length, mode="linear", align_corners=False)
+    return x[0].T.to(rel_pos.dtype).contiguous()
+
+
+def adapt_sam_state_dict(state_dict: Mapping[str, torch.Tensor], model: Segmentor) -> dict[str, torch.Tensor]:
+    """Resize the position embedding and relative-position tables of ``state_dict`` to ``model``'s token grid.
+
+    Only ``*pos_embed`` (bicubic) and ``*rel_pos_h`` / ``*rel_pos_w`` (linear) keys whose shapes differ are
+    touched; everything else is returned as is.
+    """
+    target = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        want = target.get(key)
+        if want is not None and tuple(value.shape) != tuple(want.shape):
+            if key.endswith("pos_embed") and value.ndim == 4:
+                value = resize_abs_pos_embed(value, tuple(want.shape[1:3]))
+            elif key.endswith(("rel_pos_h", "rel_pos_w")) and value.ndim == 2 and value.shape[1] == want.shape[1]:
+                value = resize_rel_pos(value, want.shape[0])
+        out[key] = value
+    return out
+
+
+def _check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """Raise a ValueError listing missing, unexpected and shape-mismatched keys."""
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(target))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in set(state_dict) & set(target)
+        if tuple(state_dict[k].shape) != tuple(target[k].shape)
+    )
+    if missing or unexpected or mismatched:
+
+        def fmt(name: str, keys: list[str]) -> str:
+            more = f" ... (+{len(keys) - 20} more)" if len(keys) > 20 else ""
+            return f"\n  {name} ({len(keys)}): " + ", ".join(keys[:20]) + more if keys else ""
+
+        raise ValueError(
+            f"checkpoint {source} does not fit the segmentor {model.__class__.__name__}:"
+            + fmt("missing keys", missing)
+            + fmt("unexpected keys", unexpected)
+            + fmt("shape mismatch", mismatched)
+        )
+
+
+def _torch_load(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"segmentor checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_sam_checkpoint(model: Segmentor, checkpoint: str | Path) -> Segmentor:
+    """Load an official SAM state dict into ``model``, resizing position tables to its token grid (in place)."""
+    state = _torch_load(checkpoint)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint {checkpoint} is not a state dict (got {type(state).__name__})")
+    state = adapt_sam_state_dict(state, model)
+    _check_state_dict(state, model, str(checkpoint))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def save_segmentor_checkpoint(model: Segmentor, path: str | Path, **extra: Any) -> Path:
+    """Write ``{"config", "state_dict", **extra}`` atomically (temporary file + rename); ``extra`` plain types only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"config": dict(model.config), "state_dict": model.state_dict(), **extra}
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+_STATE_KEYS: Sequence[str] = ("state_dict", "model", "network", "segmentor", "net")
+
+
+def load_segmentor_checkpoint(
+    path: str | Path, model: Segmentor | None = None, **build_kwargs: Any
+) -> Segmentor:
+    """Load our own fine-tuned weights.
+
+    Accepts what :func:`save_segmentor_checkpoint` writes, a plain state dict, or a dict holding one under
+    ``state_dict`` / ``model`` / ``network`` / ``segmentor`` / ``net`` (e.g. ignite's CheckpointSaver). When
+    ``model`` is None it is built from the stored ``config`` (``build_kwargs`` such as ``freeze_*`` passed on);
+    a checkpoint without config needs ``model``.
+    """
+    payload = _torch_load(path)
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"checkpoint {path} is not a dict (got {type(payload).__name__})")
+    state = next((payload[k] for k in _STATE_KEYS if isinstance(payload.get(k), Mapping)), payload)
+    if model is None:
+        config = payload.get("config")
+        if not isinstance(config, Mapping):
+            raise ValueError(f"checkpoint {path} has no 'config'; pass the model to load it into")
+        config = dict(config)
+        variant, image_size = config.pop("variant"), config.pop("image_size")
+        model = build_segmentor(variant, image_size, **{**config, **build_kwargs})
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    _check_state_dict(state, model, str(path))
+    model.load_state_dict(state, strict=True)
+    return model
