@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from scripts.conv_encoder import ConvImageEncoder
+
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 SAM_PRETRAIN_SIZE = 1024
@@ -44,6 +46,9 @@ class SegmentorSpec:
         mlp_ratio: ViT MLP width / embed_dim.
         prompt_dim: channels of the image embedding and prompt tokens (SAM: 256).
         decoder_depth, decoder_mlp_dim, decoder_heads: the mask decoder's two-way transformer.
+        encoder: ``"vit"`` (segment-anything's ``ImageEncoderViT``) or ``"conv"``
+            (:class:`scripts.conv_encoder.ConvImageEncoder`, same embedding shape; the ViT fields are unused).
+        conv_backbone: the CNN of the ``"conv"`` encoder (a key of ``scripts.prompter_net.BACKBONES``).
     """
 
     embed_dim: int
@@ -57,10 +62,13 @@ class SegmentorSpec:
     decoder_depth: int = 2
     decoder_mlp_dim: int = 2048
     decoder_heads: int = 8
+    encoder: str = "vit"
+    conv_backbone: str = "resnet_small"
 
 
 SEGMENTOR_VARIANTS: dict[str, SegmentorSpec] = {
     "vit_tiny": SegmentorSpec(embed_dim=192, depth=4, num_heads=3, global_attn_indexes=(1, 3), window_size=8),
+    "conv_small": SegmentorSpec(embed_dim=0, depth=0, num_heads=0, global_attn_indexes=(), encoder="conv"),
     "vit_b": SegmentorSpec(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
     "vit_l": SegmentorSpec(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
     "vit_h": SegmentorSpec(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
@@ -260,20 +268,7 @@ def build_segmentor(
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {spec.patch_size}")
     grid = image_size // spec.patch_size
 
-    image_encoder = ImageEncoderViT(
-        img_size=image_size,
-        patch_size=spec.patch_size,
-        embed_dim=spec.embed_dim,
-        depth=spec.depth,
-        num_heads=spec.num_heads,
-        mlp_ratio=spec.mlp_ratio,
-        out_chans=spec.prompt_dim,
-        qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True,
-        global_attn_indexes=spec.global_attn_indexes,
-        window_size=spec.window_size,
-    )
+    image_encoder = _build_image_encoder(spec, image_size)
     prompt_encoder = PromptEncoder(
         embed_dim=spec.prompt_dim,
         image_embedding_size=(grid, grid),
@@ -295,10 +290,10 @@ def build_segmentor(
     config = {"variant": variant, "image_size": image_size, **dataclasses.asdict(spec)}
     config["global_attn_indexes"] = list(spec.global_attn_indexes)
     model = Segmentor(image_encoder, prompt_encoder, mask_decoder, image_size, config)
-    if checkpoint is None:
-        _init_image_encoder(model.image_encoder)
-    else:
+    if checkpoint is not None:
         load_sam_checkpoint(model, checkpoint)
+    elif spec.encoder == "vit":
+        _init_image_encoder(model.image_encoder)
     for module, frozen in (
         (model.prompt_encoder, freeze_prompt_encoder),
         (model.image_encoder, freeze_image_encoder),
@@ -306,6 +301,30 @@ def build_segmentor(
     ):
         module.requires_grad_(not frozen)
     return model
+
+
+def _build_image_encoder(spec: SegmentorSpec, image_size: int) -> nn.Module:
+    """segment-anything's ViT image encoder, or the convolutional encoder giving the same embedding."""
+    if spec.encoder == "conv":
+        if image_size % 32:
+            raise ValueError(f"image_size {image_size} must be a multiple of 32 for the conv encoder")
+        return ConvImageEncoder(backbone=spec.conv_backbone, out_chans=spec.prompt_dim)
+    if spec.encoder != "vit":
+        raise ValueError(f"encoder must be 'vit' or 'conv', got {spec.encoder!r}")
+    return ImageEncoderViT(
+        img_size=image_size,
+        patch_size=spec.patch_size,
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        mlp_ratio=spec.mlp_ratio,
+        out_chans=spec.prompt_dim,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        global_attn_indexes=spec.global_attn_indexes,
+        window_size=spec.window_size,
+    )
 
 
 def _init_image_encoder(encoder: ImageEncoderViT) -> None:
