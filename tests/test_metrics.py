@@ -406,7 +406,7 @@ def test_ignite_handler_writes_engine_metrics() -> None:
     assert engine.state.metrics["val_pq"] == pytest.approx(np.mean(expected))
     assert engine.state.metrics["aji"] == pytest.approx((10 / 16 + 1.0 + 0.0) / 3)
     assert engine.state.metrics["f1_det"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 2))
-    assert engine.state.metrics["pq_per_class"]["nucleus"] == pytest.approx(np.mean([0.0, 1.0, 0.0]))
+    assert engine.state.metrics["pq_per_class/nucleus"] == pytest.approx(np.mean([0.0, 1.0, 0.0]))
     assert [d["name"] for d in engine.state.metric_details["val_pq"]] == ["a", "image_1", "image_2"]
     engine.run(batches[:1], max_epochs=1)  # reset between runs
     assert engine.state.metrics["val_pq"] == pytest.approx(0.8 * 2 / 3)

@@ -7,7 +7,7 @@ metric improves. A killed training loses at most the epoch in progress.
 
 from __future__ import annotations
 
-import logging
+from monai.apps.utils import get_logger
 import math
 import os
 import tempfile
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-logger = logging.getLogger(__name__)
+logger = get_logger("scripts.checkpoints")
 
 LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
@@ -131,7 +131,7 @@ class TrainingCheckpointer:
         engine.state.iteration = int(state["trainer"]["iteration"])
         engine.state.max_epochs = max_epochs
         logger.info("resumed from %s at epoch %d (best %s = %.4f)", self.last_path, engine.state.epoch,
-                    self.key_metric, self.best.value)
+                           self.key_metric, self.best.value)
         if engine.state.epoch >= max_epochs:
             logger.info("training already reached max_epochs=%d; nothing to do", max_epochs)
             engine.terminate()

@@ -13,7 +13,7 @@ failures are listed at the end and :func:`run_inference` raises :class:`Inferenc
 
 from __future__ import annotations
 
-import logging
+from monai.apps.utils import get_logger
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ from scripts.readers.common import read_image
 from scripts.records import load_class_table
 from scripts.writers import CSVWriter, GeoJSONWriter, write_csv, write_geojson, write_label_maps, write_overlay
 
-logger = logging.getLogger(__name__)
+logger = get_logger("scripts.inference")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".ndpi")
 SLIDE_SUFFIXES = (".svs", ".ndpi")

@@ -332,7 +332,8 @@ class NucleusMetricHandler(Metric):
 
     At epoch end ``engine.state.metrics[name]`` gets ``metric_name`` of the aggregate (a float, NaN when
     undefined, so it can be a MONAI key metric), and each of ``extra_metrics`` is written under its own key
-    (``pq``, ``f1_det``, ``aji``, ... or dictionaries such as ``pq_per_class``). With ``save_details`` the
+    (``pq``, ``f1_det``, ``aji``, ...; a dictionary such as ``f1_per_class`` becomes one scalar per entry,
+    ``f1_per_class/<class name>``). With ``save_details`` the
     per-image list goes to ``engine.state.metric_details[name]``.
 
     It subclasses ``ignite.metrics.Metric`` rather than ``monai.handlers.IgniteMetricHandler`` because the
@@ -392,7 +393,11 @@ class NucleusMetricHandler(Metric):
                 warnings.warn(f"extra metric {key!r} not in the aggregate (keys {sorted(self.results)})")
                 continue
             value = self.results[key]
-            engine.state.metrics[key] = value if isinstance(value, dict) else _nan(value)
+            if isinstance(value, dict):  # per-class figures: one scalar each, e.g. "f1_per_class/Epithelial"
+                for sub_key, sub_value in value.items():
+                    engine.state.metrics[f"{key}/{sub_key}"] = _nan(sub_value)
+            else:
+                engine.state.metrics[key] = _nan(value)
         if self.save_details:
             details = getattr(engine.state, "metric_details", None)
             if details is None:

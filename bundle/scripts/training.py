@@ -7,6 +7,7 @@ logged, clip gradients, and give the evaluators their prompt-driven iteration (`
 
 from __future__ import annotations
 
+from monai.apps.utils import get_logger
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ from monai.engines import IterationEvents
 
 from scripts.instances import masks_to_instances
 
-logger = logging.getLogger(__name__)
+logger = get_logger("scripts.training")
 
 
 def _to(x: Any, device: torch.device | str, non_blocking: bool = False) -> Any:

@@ -12,7 +12,7 @@ pixels, ``x, y`` pixels of the level being read; ``downsample`` is level-0 pixel
 
 from __future__ import annotations
 
-import logging
+from monai.apps.utils import get_logger
 import math
 import threading
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from skimage.transform import downscale_local_mean
 
 from scripts.writers import atomic_path
 
-logger = logging.getLogger(__name__)
+logger = get_logger("scripts.wsi")
 
 BACKENDS = ("tifffile", "openslide", "cucim")
 BACKGROUND = 255  # fill value (white) for pixels outside the slide or in empty TIFF tiles

@@ -1,0 +1,82 @@
+"""Checkpoints: atomic writes, and a training killed mid-run resumes without losing finished epochs."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import BUNDLE_PYTHON, BUNDLE_ROOT, bundle_env, run_bundle
+from scripts.checkpoints import BestMetric, atomic_torch_save, load_checkpoint
+from scripts.synthetic import write_synthetic_dataset
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_torch_save({"a": torch.ones(3)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_torch_save({"a": Unpicklable()}, path)
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(3))  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary left behind
+
+
+def test_load_checkpoint_names_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.pt"):
+        load_checkpoint(tmp_path / "nothere.pt")
+
+
+def test_best_metric_ignores_nan_and_keeps_state():
+    best = BestMetric()
+    assert best.update(0.5, 1) and not best.update(float("nan"), 2) and not best.update(0.4, 3)
+    assert best.update(0.6, 4)
+    other = BestMetric()
+    other.load_state_dict(best.state_dict())
+    assert (other.value, other.epoch) == (0.6, 4)
+
+
+def _epoch_of(path):
+    try:
+        return int(load_checkpoint(path)["trainer"]["epoch"])
+    except Exception:  # not written yet
+        return 0
+
+
+@pytest.mark.slow
+def test_training_killed_mid_run_resumes_from_last_epoch(tmp_path):
+    data = write_synthetic_dataset(tmp_path / "data", 10, size=(64, 64), n_nuclei=(4, 8), num_classes=2, seed=1)
+    out = tmp_path / "run"
+    args = ["--stage", "prompter", "--dataset_dir", str(data), "--output_dir", str(out), "--patch_size", "64",
+            "--val_fraction", "0.2", "--prompter#batch_size", "4"]
+    cmd = [BUNDLE_PYTHON, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+           *args, "--max_epochs", "1000"]
+    last = out / "prompter" / "last.pt"
+    proc = subprocess.Popen(cmd, cwd=BUNDLE_ROOT, env=bundle_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while _epoch_of(last) < 2:
+            assert proc.poll() is None, "training stopped before it was killed"
+            assert time.time() < deadline, "no checkpoint of epoch 2 within 300 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = _epoch_of(last)
+    assert killed_at >= 2
+    state = load_checkpoint(last)  # loads: the file was replaced atomically, never half-written
+    assert {"network", "optimizer", "trainer", "best_metric"} <= set(state)
+    iterations = state["trainer"]["iteration"]
+
+    log = run_bundle("training", "configs/train.json", *args, "--max_epochs", str(killed_at + 1)).stdout
+    assert f"resumed from {last} at epoch {killed_at}" in log
+    resumed = load_checkpoint(last)
+    assert resumed["trainer"]["epoch"] == killed_at + 1
+    assert resumed["trainer"]["iteration"] == iterations + iterations // killed_at  # one more epoch only
+    assert (out / "prompter" / "best.pt").is_file()
