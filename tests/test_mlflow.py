@@ -1,0 +1,250 @@
+"""MLflow tracking through MONAI's ``--tracking`` switch: training stages, evaluation, comparison, failures.
+
+Every bundle command runs in a subprocess from ``bundle/`` on a tiny synthetic dataset; the local store is
+SQLite under the output folder. A test that starts an ``mlflow server`` binds it to 127.0.0.1 and stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+import mlflow  # noqa: E402
+from monai.utils import path_to_sqlite_uri  # noqa: E402
+
+from conftest import BUNDLE_ROOT, bundle_env, run_bundle  # noqa: E402
+from scripts.tracking import (  # noqa: E402
+    _artifact_files,
+    default_tracking_uri,
+    numeric_metrics,
+    points_to_discs,
+    tracking_problem,
+)
+
+TINY = ["--max_epochs", "2", "--epoch_length", "1", "--patch_size", "64", "--val_fraction", "0.25",
+        "--segmentor#num_prompts_per_image", "4", "--prompter#batch_size", "2", "--segmentor#batch_size", "2"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is
+
+
+# ----------------------------------------------------------------------------------------------- helpers (fast)
+def test_numeric_metrics_flatten_and_drop_non_numbers() -> None:
+    import torch
+
+    values = {"pq": 0.5, "sq": float("nan"), "f1_per_class": {"Epithelial": None, "Spindle-shaped": 0.25},
+              "name": "x", "flag": True, "n": np.int64(3), "t": torch.tensor(1.5), "odd key!": 1}
+    out = numeric_metrics(values)
+    assert out["pq"] == 0.5 and np.isnan(out["sq"]) and out["n"] == 3.0 and out["t"] == 1.5
+    assert out["f1_per_class.Spindle-shaped"] == 0.25 and "f1_per_class.Epithelial" not in out
+    assert "name" not in out and "flag" not in out and out["odd key_"] == 1.0
+
+
+def test_points_to_discs_ids_and_clipping() -> None:
+    inst = points_to_discs(np.array([[5.0, 10.0], [0.0, 0.0]]), (20, 30), radius=2)  # (x, y)
+    assert inst[10, 5] == 1 and inst[12, 5] == 1 and inst[13, 5] == 0  # disc around row 10, col 5
+    assert inst[0, 0] == 2 and (inst == 2).sum() < (inst == 1).sum()  # clipped at the corner
+    assert points_to_discs(np.zeros((0, 2)), (4, 4)).max() == 0
+
+
+def test_tracking_problem_names_a_closed_port_and_sqlite_folder_is_made(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    problem = tracking_problem(uri, timeout=2)
+    assert problem and uri in problem
+    sqlite_uri = default_tracking_uri(tmp_path / "new" / "out")
+    assert sqlite_uri.startswith("sqlite:///") and sqlite_uri.endswith("/new/out/mlflow.db")
+    assert (tmp_path / "new" / "out").is_dir() and tracking_problem(sqlite_uri) is None
+
+
+def test_artifact_files_repair_monai_unevaluated_config_path(tmp_path: Path) -> None:
+    config = tmp_path / "config_20240101_000000.json"
+    config.write_text("{}")
+    assert _artifact_files([f"{tmp_path} + '/config_20240101_000000.json'", None, tmp_path / "missing"]) == [config]
+
+
+# ----------------------------------------------------------------------------------------------- bundle runs
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from scripts.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("mlflow") / "data", 4, size=(96, 96),
+                                   n_nuclei=(6, 10), num_classes=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tracked(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Both stages trained with plain ``--tracking mlflow`` (default store), then the segmentor again with the
+    settings file, another ``num_neg_prompts`` and a run name, into the same store."""
+    out = tmp_path_factory.mktemp("mlflow") / "train"
+    first = run_bundle("training", "configs/train.json", "--tracking", "mlflow", "--stage", "both",
+                       "--dataset_dir", str(dataset), "--output_dir", str(out), *TINY)
+    uri = path_to_sqlite_uri(out / "mlflow.db")
+    second = run_bundle("training", "configs/train.json", "--tracking", "configs/mlflow.json", "--stage",
+                        "segmentor", "--num_neg_prompts", "2", "--run_name", "negs2", "--tracking_uri", uri,
+                        "--dataset_dir", str(dataset), "--output_dir", str(out.parent / "train2"), *TINY)
+    return {"uri": uri, "out": out, "logs": first.stdout + second.stdout}
+
+
+def _runs(uri: str, experiment: str = "promptnucseg"):
+    """``mlflow.search_runs`` on ``uri``; the global URI (and the ``MLFLOW_TRACKING_URI`` it sets, which the bundle
+    subprocesses would inherit and prefer) is reset afterwards."""
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time ASC"])
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_training_stages_are_tracked(tracked: dict) -> None:
+    runs = _runs(tracked["uri"])
+    assert list(runs["tags.stage"]) == ["prompter", "segmentor", "segmentor"]
+    assert (runs["status"] == "FINISHED").all()
+    prompter, segmentor, second = (runs.iloc[i] for i in range(3))
+    assert prompter["tags.session"] == segmentor["tags.session"] != second["tags.session"]
+    assert prompter["tags.variant"] == "resnet_small" and segmentor["tags.variant"] == "vit_tiny"
+    assert prompter["tags.dataset"] == "data" and second["tags.mlflow.runName"] == "negs2-segmentor"
+    # parameters that matter
+    assert prompter["params.anchor_step"] == "8" and prompter["params.bg_weight"] == "0.4"
+    assert segmentor["params.sam_variant"] == "vit_tiny" and segmentor["params.focal_weight"] == "20.0"
+    assert segmentor["params.num_neg_prompts"] == "1" and second["params.num_neg_prompts"] == "2"
+    assert segmentor["params.seed"] == "0" and segmentor["params.max_epochs"] == "2"
+    assert Path(segmentor["params.dataset_dir"]).name == "data"
+
+    client = mlflow.MlflowClient(tracked["uri"])
+    for run, val_metric, loss_terms in ((prompter, "f1_det", ("loss_cls", "loss_reg", "loss_aux")),
+                                        (segmentor, "pq", ("loss_mask", "loss_dice", "loss_iou"))):
+        run_id = run["run_id"]
+        # per-epoch losses and validation metrics (metric history, epoch as step)
+        for key in ("loss", *loss_terms, val_metric):
+            steps = [m.step for m in client.get_metric_history(run_id, key)]
+            assert steps == [1, 2], (run["tags.stage"], key, steps)
+        assert len(client.get_metric_history(run_id, "train_loss")) == 2  # per iteration
+        assert f"metrics.best_{val_metric}" in run and not np.isnan(run[f"metrics.best_{val_metric}"])
+        # artifacts: the executed config and a validation overlay
+        configs = [a.path for a in client.list_artifacts(run_id, "config")]
+        overlays = [a.path for a in client.list_artifacts(run_id, "overlays")]
+        assert len(configs) == 1 and configs[0].endswith(".json"), configs
+        assert len(overlays) == 1 and overlays[0].endswith(".png"), overlays
+        local = Path(client.download_artifacts(run_id, configs[0], str(tracked["out"] / "dl" / run_id)))
+        assert json.loads(local.read_text())["prompter"]["anchor_step"] == 8
+    assert "MLflow run" in tracked["logs"]
+
+
+@pytest.mark.slow
+def test_compare_runs_prints_runs_side_by_side_and_plots(tracked: dict, tmp_path: Path) -> None:
+    plot = tmp_path / "curves.png"
+    cmd = [sys.executable, "-m", "scripts.compare_runs", "--tracking_uri", tracked["uri"], "--experiment",
+           "promptnucseg", "--stage", "segmentor", "--plot", str(plot)]
+    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=bundle_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "2 runs of experiment 'promptnucseg'" in proc.stdout
+    header = next(line for line in lines if "negs2-segmentor" in line)
+    assert header.split()[-1] == "negs2-segmentor" and header.split()[0].endswith("-segmentor")
+    negs = next(line for line in lines if line.startswith("params.num_neg_prompts"))
+    assert negs.split()[1:] == ["1", "2"]
+    assert not any(line.startswith("params.sam_variant") for line in lines)  # equal: not listed
+    assert any(line.startswith("metrics.pq ") for line in lines)
+    assert plot.is_file() and plot.stat().st_size > 5000
+    from PIL import Image
+
+    assert Image.open(plot).size[0] > Image.open(plot).size[1]  # two panels side by side
+
+
+@pytest.mark.slow
+def test_evaluation_is_tracked(dataset: Path, tmp_path: Path) -> None:
+    from scripts.readers import list_items
+
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    for item in list_items(dataset, "auto"):
+        record = item.load()
+        inst = record.inst_map.copy()
+        inst[inst == inst.max()] = 0  # one missed nucleus per image
+        np.save(pred_dir / f"{record.name}.npy", inst)
+    out = tmp_path / "eval"
+    run_bundle("evaluating", "configs/evaluate.json", "--tracking", "mlflow", "--dataset_dir", str(dataset),
+               "--pred_dir", str(pred_dir), "--output_dir", str(out))
+    written = json.loads((out / "metrics.json").read_text())
+    runs = _runs(path_to_sqlite_uri(out / "mlflow.db"))
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["tags.stage"] == "evaluation" and run["params.pred_dir"] == str(pred_dir)
+    for key in ("pq", "aji", "aji_plus", "dq", "sq", "f1_det", "bpq", "mpq"):
+        assert run[f"metrics.{key}"] == pytest.approx(written[key]), key
+    assert 0 < run["metrics.pq"] < 1
+    client = mlflow.MlflowClient(path_to_sqlite_uri(out / "mlflow.db"))
+    assert "metrics.json" in [a.path for a in client.list_artifacts(run["run_id"])]
+    assert len(client.list_artifacts(run["run_id"], "overlays")) == 1
+
+
+@pytest.mark.slow
+def test_unreachable_server_warns_and_training_goes_on(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    proc = run_bundle("training", "configs/train.json", "--tracking", "mlflow", "--tracking_uri", uri,
+                      "--stage", "prompter", "--dataset_dir", str(dataset), "--output_dir", str(out),
+                      *TINY, "--max_epochs", "1")
+    assert f"MLflow tracking of prompter is off: no answer from {uri}" in proc.stdout
+    assert "training goes on without tracking" in proc.stdout
+    assert (out / "prompter" / "last.pt").is_file()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """An ``mlflow server`` on 127.0.0.1 (SQLite store, served artifacts), stopped at the end."""
+    port = _closed_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", path_to_sqlite_uri(tmp_path / "server.db"),
+           "--artifacts-destination", str(tmp_path / "server_artifacts")]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=bundle_env(), start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+                time.sleep(1)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_tracking_server_uri(dataset: Path, tmp_path: Path, mlflow_server: str) -> None:
+    run_bundle("training", "configs/train.json", "--tracking", "mlflow", "--tracking_uri", mlflow_server,
+               "--experiment_name", "served", "--stage", "prompter", "--dataset_dir", str(dataset),
+               "--output_dir", str(tmp_path / "out"), *TINY, "--max_epochs", "1")
+    runs = _runs(mlflow_server, "served")
+    assert list(runs["tags.stage"]) == ["prompter"] and runs.iloc[0]["status"] == "FINISHED"
+    client = mlflow.MlflowClient(mlflow_server)
+    assert [m.step for m in client.get_metric_history(runs.iloc[0]["run_id"], "f1_det")] == [1]
+    assert len(client.list_artifacts(runs.iloc[0]["run_id"], "overlays")) == 1
+    assert not (tmp_path / "out" / "mlflow.db").exists()  # nothing written to the default local store
