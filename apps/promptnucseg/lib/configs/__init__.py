@@ -1,0 +1,3 @@
+from lib.configs.promptnucseg import PromptNucSegConfig
+
+__all__ = ["PromptNucSegConfig"]

@@ -1,0 +1,3 @@
+from lib.infers.promptnucseg import PromptNucSegClickInfer, PromptNucSegInfer
+
+__all__ = ["PromptNucSegInfer", "PromptNucSegClickInfer"]

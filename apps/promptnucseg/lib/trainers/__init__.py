@@ -1,0 +1,3 @@
+from lib.trainers.promptnucseg import PromptNucSegTrain
+
+__all__ = ["PromptNucSegTrain"]
