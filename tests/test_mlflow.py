@@ -248,3 +248,35 @@ def test_tracking_server_uri(dataset: Path, tmp_path: Path, mlflow_server: str) 
     assert [m.step for m in client.get_metric_history(runs.iloc[0]["run_id"], "f1_det")] == [1]
     assert len(client.list_artifacts(runs.iloc[0]["run_id"], "overlays")) == 1
     assert not (tmp_path / "out" / "mlflow.db").exists()  # nothing written to the default local store
+
+
+@pytest.mark.slow
+def test_store_failure_mid_run_warns_once_and_engine_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+    from ignite.engine import Engine, Events
+
+    from scripts.tracking import StageTracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracker = StageTracker("segmentor", tracking_uri=default_tracking_uri(tmp_path), params={"lr": 0.1},
+                           iteration_log=False)
+    engine = Engine(lambda e, batch: {"loss": torch.tensor(1.0)})
+
+    @engine.on(Events.EPOCH_COMPLETED(once=2))
+    def store_goes_away(e: Engine) -> None:  # registered first: runs before the tracker's epoch log
+        tracker.client = mlflow.MlflowClient(f"http://127.0.0.1:{_closed_port()}")
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def epoch_metric(e: Engine) -> None:
+        e.state.metrics["loss_mask"] = 1.0 / e.state.epoch
+
+    tracker.attach(engine)
+    engine.run([0, 1], max_epochs=3)
+    assert engine.state.epoch == 3 and not tracker.enabled
+    warnings = [r.getMessage() for r in caplog.records if r.name == "scripts.tracking" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "MLflow tracking of segmentor stopped: logging metrics failed" in warnings[0]
+    client = mlflow.MlflowClient(default_tracking_uri(tmp_path))
+    run_id = client.search_runs([client.get_experiment_by_name("promptnucseg").experiment_id])[0].info.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "loss_mask")] == [1]
+    assert client.get_run(run_id).data.params["lr"] == "0.1"

@@ -60,6 +60,10 @@ __all__ = [
 ]
 
 _PROBLEMS: dict[str, str | None] = {}
+# MLflow's own HTTP defaults (7 retries, backoff factor 2) wait about 4 minutes per request to a server that has
+# gone; these bound the wait to seconds. Set the variables yourself to choose otherwise.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 _KEY_CHARS = re.compile(r"[^\w\-. /:]")
 # MONAI writes ``save_execute_config`` as "<output_dir> + '/config_<time>.json'", an expression only when the
 # output_dir value is one; with a plain ``--output_dir /path`` the handler receives the unevaluated text.
@@ -281,6 +285,9 @@ class StageTracker(MLFlowHandler):
         overlay: log a validation overlay PNG.
         iteration_log, epoch_log, artifact_location: as ``MLFlowHandler``.
         timeout: seconds to wait for a tracking server's answer up front.
+
+    For an ``http(s)`` URI the MLflow request retries are bounded (:data:`HTTP_DEFAULTS`, unless the
+    ``MLFLOW_HTTP_REQUEST_*`` variables are set), so a server that disappears mid-run costs seconds, not minutes.
     """
 
     def __init__(
@@ -318,6 +325,9 @@ class StageTracker(MLFlowHandler):
         self.overlay = overlay
         self.tracking_uri = self.client.tracking_uri
         self._sample: tuple[Any, Mapping] | None = None
+        if urlparse(self.tracking_uri).scheme in ("http", "https"):
+            for name, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(name, value)
         problem = tracking_problem(self.tracking_uri, timeout)
         self.enabled = problem is None
         if problem:
@@ -346,6 +356,7 @@ class StageTracker(MLFlowHandler):
             return fn(*args)
         except Exception as error:  # any MLflow/network/store error: warn once, stop tracking, keep training
             self.enabled = False
+            atexit.unregister(self._abandon)  # the store failed: do not wait on it again at exit
             logger.warning(
                 f"MLflow tracking of {self.stage} stopped: {what} failed on {self.tracking_uri} "
                 f"({type(error).__name__}: {error}); training goes on without tracking"
