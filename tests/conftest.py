@@ -56,3 +56,52 @@ def run_bundle(run_id: str, config_file: str, *args: str, timeout: float = 900, 
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
     return proc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One small model trained on synthetic data, shared by the tests of training, pipeline, inference and MONAI Label.
+SYNTHETIC_SIZE = 128
+SYNTHETIC_TRAINING = [
+    "--stage", "both", "--patch_size", str(SYNTHETIC_SIZE), "--val_fraction", "0.125", "--seed", "0",
+    "--prompter#max_epochs", "25", "--prompter#lr", "0.001", "--prompter#fpn_channels", "64",
+    "--prompter#mlp_hidden", "64", "--prompter#nms_radius", "8",
+    "--segmentor#sam_variant", "conv_small", "--segmentor#max_epochs", "90", "--segmentor#lr", "0.001",
+    "--segmentor#num_prompts_per_image", "12", "--segmentor#batch_size", "8", "--segmentor#mask_loss", "bce",
+    "--segmentor#mask_reduction", "balanced", "--segmentor#focal_weight", "1.0", "--val_interval", "5",
+]
+
+
+@pytest.fixture(scope="session")
+def synthetic_dirs(tmp_path_factory) -> dict:
+    """Synthetic H&E data (hovernet layout, 128 px, 3 classes): ``train`` (64 images) and ``heldout`` (16 images,
+    other seeds), never seen in training."""
+    from scripts.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    size = (SYNTHETIC_SIZE, SYNTHETIC_SIZE)
+    return {
+        "train": write_synthetic_dataset(root / "train", 64, size=size, n_nuclei=(8, 16), num_classes=3, seed=0),
+        "heldout": write_synthetic_dataset(root / "heldout", 16, size=size, n_nuclei=(8, 16), num_classes=3,
+                                           seed=1000),
+    }
+
+
+@pytest.fixture(scope="session")
+def synthetic_training(synthetic_dirs, tmp_path_factory) -> dict:
+    """Train both stages briefly through the bundle's ``training`` run on the synthetic train set; export a model.
+
+    Returns the run folder, the model file and the training log.
+    """
+    from scripts.export import export_model
+
+    out = tmp_path_factory.mktemp("synthetic_run")
+    proc = run_bundle("training", "configs/train.json", "--dataset_dir", str(synthetic_dirs["train"]),
+                      "--output_dir", str(out), *SYNTHETIC_TRAINING, timeout=2400)
+    model = export_model(out / "prompter" / "best.pt", out / "segmentor" / "best.pt", out / "model.pt")
+    return {"run_dir": out, "model_path": model, "log": proc.stdout}
+
+
+@pytest.fixture(scope="session")
+def trained_model_path(synthetic_training) -> Path:
+    """A PromptNucSeg model file trained on synthetic data (see :func:`synthetic_training`)."""
+    return synthetic_training["model_path"]

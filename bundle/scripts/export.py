@@ -3,7 +3,8 @@
 File layout (``torch.save`` of plain containers, loadable with ``weights_only=True``)::
 
     {"format": "promptnucseg/1",
-     "prompter": {"config": {num_classes, backbone, levels, anchor_step, class_names}, "state_dict": {...}},
+     "prompter": {"config": {num_classes, backbone, levels, anchor_step, fpn_channels, mlp_hidden, class_names},
+                  "state_dict": {...}},
      "segmentor": {"config": {variant, image_size, overrides}, "state_dict": {...}}}
 """
 
@@ -48,7 +49,8 @@ def build_networks(model: dict) -> tuple[Prompter, torch.nn.Module]:
     """Instantiate the prompter and segmentor described by a loaded model file, with their weights."""
     p_cfg, s_cfg = model["prompter"]["config"], model["segmentor"]["config"]
     prompter = Prompter(num_classes=p_cfg["num_classes"], backbone=p_cfg["backbone"], levels=tuple(p_cfg["levels"]),
-                        anchor_step=p_cfg["anchor_step"])
+                        anchor_step=p_cfg["anchor_step"], fpn_channels=p_cfg.get("fpn_channels", 256),
+                        mlp_hidden=p_cfg.get("mlp_hidden", 256))
     segmentor = build_segmentor(variant=s_cfg["variant"], image_size=s_cfg["image_size"], **dict(s_cfg.get("overrides") or {}))
     for name, net in (("prompter", prompter), ("segmentor", segmentor)):
         state = {k: v.float() if v.is_floating_point() else v for k, v in model[name]["state_dict"].items()}
