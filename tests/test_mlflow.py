@@ -51,7 +51,7 @@ def test_numeric_metrics_flatten_and_drop_non_numbers() -> None:
               "name": "x", "flag": True, "n": np.int64(3), "t": torch.tensor(1.5), "odd key!": 1}
     out = numeric_metrics(values)
     assert out["pq"] == 0.5 and np.isnan(out["sq"]) and out["n"] == 3.0 and out["t"] == 1.5
-    assert out["f1_per_class.Spindle-shaped"] == 0.25 and "f1_per_class.Epithelial" not in out
+    assert out["f1_per_class/Spindle-shaped"] == 0.25 and "f1_per_class/Epithelial" not in out
     assert "name" not in out and "flag" not in out and out["odd key_"] == 1.0
 
 

@@ -125,14 +125,16 @@ def _flatten(values: Mapping, prefix: str = "") -> dict[str, Any]:
     for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{name}."))
+            out.update(_flatten(value, f"{name}/"))
         else:
             out[name] = value
     return out
 
 
 def numeric_metrics(values: Mapping, prefix: str = "") -> dict[str, float]:
-    """Numeric entries of a (nested) metrics dictionary as ``{"a.b": float}``; ``None``/strings are dropped.
+    """Numeric entries of a (nested) metrics dictionary as ``{"a/b": float}``; ``None``/strings are dropped.
+
+    Nested keys are joined with ``/`` like the engines' per-class scalars (``f1_per_class/<class>``).
 
     NaN (an undefined figure, e.g. SQ with no match) is kept: MLflow stores it as such.
     """
@@ -277,7 +279,7 @@ class StageTracker(MLFlowHandler):
         stage: ``prompter``, ``segmentor`` or ``evaluation`` (tag ``stage``, run-name suffix).
         tracking_uri: MLflow tracking URI (``MLFLOW_TRACKING_URI`` wins when set, as in MONAI).
         experiment_name, run_name: MLflow experiment and run-name prefix (default: the session time).
-        params: values logged as MLflow parameters (nested dicts flattened as ``a.b``).
+        params: values logged as MLflow parameters (nested dicts flattened as ``a/b``).
         tags: run tags (``stage`` and ``session`` are added).
         evaluator: the stage's validation engine.
         artifacts: files or folders logged under ``config/`` at the end (the executed config).
@@ -551,7 +553,7 @@ def log_evaluation(
     """Log ``<output_dir>/metrics.json`` as one MLflow run per ``MLFlowHandler`` in ``handlers`` (``stage=evaluation``).
 
     The run gets ``params``, ``tags``, every numeric figure of ``metrics.json`` (``pq``, ``aji``, ``mpq``,
-    ``f1_det``, ``pq_per_class.<name>``, ...), ``metrics.json`` and the handler's artifacts (the executed config)
+    ``f1_det``, ``pq_per_class/<name>``, ...), ``metrics.json`` and the handler's artifacts (the executed config)
     as artifacts and, when ``items`` and ``predictions`` are given, overlays of the first ``n_overlays``
     predictions (``predictions.predict(record)``). Without handlers (no ``--tracking``) nothing happens.
     Returns the ids of the runs created.
