@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
-from scipy import ndimage
 from scipy.spatial import cKDTree
+
+from scripts.points import instance_points
 
 __all__ = ["knn_negative_prompts", "interior_points", "oracle_prompts", "random_interior_points", "SampleNucleusPromptsd"]
 
@@ -99,41 +100,14 @@ def random_interior_points(inst_map: np.ndarray, rng: np.random.RandomState) -> 
 
 
 def interior_points(inst_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A ground-truth point inside every instance: its centroid when the centroid lies in it, else the pixel
-    farthest from its border.
-
-    Args:
-        inst_map: (H, W) int, 0 = background.
+    """The ground-truth point of every instance, as the prompter is trained on
+    (:func:`scripts.points.instance_points`: the centroid when it lies inside, else the deepest interior pixel).
 
     Returns:
-        points (N, 2) float32 (x, y) px (the centroid keeps its sub-pixel value), ids (N,) sorted instance ids.
+        points (N, 2) float32 (x, y) px, ids (N,) sorted instance ids.
     """
-    inst_map = _as_label_map(inst_map)
-    ids = np.unique(inst_map)
-    ids = ids[ids != 0]
-    if len(ids) == 0:
-        return np.zeros((0, 2), np.float32), ids
-    centroids = np.asarray(ndimage.center_of_mass(np.ones(inst_map.shape), inst_map, ids), dtype=np.float64)
-    r = np.clip(np.rint(centroids[:, 0]).astype(np.int64), 0, inst_map.shape[0] - 1)
-    c = np.clip(np.rint(centroids[:, 1]).astype(np.int64), 0, inst_map.shape[1] - 1)
-    inside = inst_map[r, c] == ids
-    points = centroids[:, ::-1].copy()
-    if not inside.all():
-        # interior = pixels whose 4-neighbours share their label; distance to the nearest non-interior pixel
-        padded = np.pad(inst_map, 1, mode="constant")
-        core = padded[1:-1, 1:-1]
-        interior = (
-            (core != 0)
-            & (padded[:-2, 1:-1] == core)
-            & (padded[2:, 1:-1] == core)
-            & (padded[1:-1, :-2] == core)
-            & (padded[1:-1, 2:] == core)
-        )
-        dist = ndimage.distance_transform_edt(interior)
-        out = ids[~inside]
-        far = np.asarray(ndimage.maximum_position(dist, inst_map, out), dtype=np.float64).reshape(-1, 2)
-        points[~inside] = far[:, ::-1]
-    return points.astype(np.float32), ids
+    points, _, ids = instance_points(_as_label_map(inst_map))
+    return points, ids
 
 
 def oracle_prompts(inst_map: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
