@@ -1,0 +1,74 @@
+"""The bundle as MONAI sees it: configs parse, metadata is complete, network_def runs on the declared input."""
+
+import json
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from conftest import BUNDLE_ROOT
+
+CONFIGS = BUNDLE_ROOT / "configs"
+
+
+def test_metadata_has_class_table_and_network_format():
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    table = meta["class_table"]
+    assert [table[k]["name"] for k in sorted(table, key=int)] == ["Other", "Inflammatory", "Epithelial",
+                                                                 "Spindle-shaped"]
+    assert all(len(v["color"]) == 3 for v in table.values())
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert image["num_channels"] == 3 and image["value_range"] == [0, 255]
+    assert set(meta["network_data_format"]["outputs"]["pred"]["channel_def"]) == {"inst_map", "type_map"}
+
+
+@pytest.mark.parametrize("name", ["train.json", "inference.json", "evaluate.json", "multi_gpu_train.json",
+                                  "mlflow.json"])
+def test_configs_are_valid_json_with_run_ids(name):
+    config = json.loads((CONFIGS / name).read_text())
+    run_ids = {"train.json": "training", "inference.json": "inference", "evaluate.json": "evaluating"}
+    if name in run_ids:
+        assert run_ids[name] in config and config["run"] == f"@{run_ids[name]}"
+
+
+def test_network_def_runs_on_declared_input(tmp_path):
+    """Like ``verify_net_in_out``: instantiate ``network_def`` from inference.json, feed the declared input."""
+    from scripts.checkpoints import atomic_torch_save
+    from scripts.export import export_model
+    from scripts.prompter_net import Prompter
+    from scripts.segmentor_net import build_segmentor
+
+    torch.manual_seed(0)
+    prompter = Prompter(num_classes=4)
+    segmentor = build_segmentor("vit_tiny", image_size=256)
+    atomic_torch_save({"network": prompter.state_dict(), "config": {
+        "num_classes": 4, "backbone": "resnet_small", "levels": [2, 3, 4], "anchor_step": 8, "fpn_channels": 256,
+        "mlp_hidden": 256, "class_names": ["Other", "Inflammatory", "Epithelial", "Spindle-shaped"]}}, tmp_path / "p.pt")
+    atomic_torch_save({"network": segmentor.state_dict(), "config": {"variant": "vit_tiny", "image_size": 256}},
+                      tmp_path / "s.pt")
+    model = export_model(tmp_path / "p.pt", tmp_path / "s.pt", tmp_path / "model.pt")
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser.read_meta(str(CONFIGS / "metadata.json"))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "model_path": str(model), "device": "cpu"})
+    net = parser.get_parsed_content("network_def")
+    shape = [16 * 20, 16 * 18]  # "spatial_shape": ["16*n", "16*n"]
+    out = net(torch.rand(1, 3, *shape) * 255)
+    assert out["inst_map"].shape == tuple(shape) and out["inst_map"].dtype == torch.int32
+    assert out["type_map"].shape == tuple(shape)
+    n = int(out["inst_map"].max())
+    assert out["points"].shape == (n, 2) and out["classes"].shape == (n,) and out["ious"].shape == (n,)
+
+
+def test_missing_model_file_is_a_clear_error(tmp_path):
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "model_path": str(tmp_path / "absent.pt"), "device": "cpu"})
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content("network_def")
+    error, messages = raised.value, []
+    while error is not None:  # MONAI wraps the loader's error; the user sees the whole chain
+        messages.append(str(error))
+        error = error.__cause__
+    assert any("model file not found" in m and "absent.pt" in m for m in messages)
