@@ -47,7 +47,8 @@ class SegmentorSpec:
         prompt_dim: channels of the image embedding and prompt tokens (SAM: 256).
         decoder_depth, decoder_mlp_dim, decoder_heads: the mask decoder's two-way transformer.
         encoder: ``"vit"`` (segment-anything's ``ImageEncoderViT``) or ``"conv"``
-            (:class:`scripts.conv_encoder.ConvImageEncoder`, same embedding shape; the ViT fields are unused).
+            (:class:`scripts.conv_encoder.ConvImageEncoder`, same embedding shape; the ViT fields are unused and
+            ``patch_size`` (16 or 8) is the encoder's output stride).
         conv_backbone: the CNN of the ``"conv"`` encoder (a key of ``scripts.prompter_net.BACKBONES``).
     """
 
@@ -308,7 +309,7 @@ def _build_image_encoder(spec: SegmentorSpec, image_size: int) -> nn.Module:
     if spec.encoder == "conv":
         if image_size % 32:
             raise ValueError(f"image_size {image_size} must be a multiple of 32 for the conv encoder")
-        return ConvImageEncoder(backbone=spec.conv_backbone, out_chans=spec.prompt_dim)
+        return ConvImageEncoder(backbone=spec.conv_backbone, out_chans=spec.prompt_dim, stride=spec.patch_size)
     if spec.encoder != "vit":
         raise ValueError(f"encoder must be 'vit' or 'conv', got {spec.encoder!r}")
     return ImageEncoderViT(
