@@ -198,7 +198,8 @@ def segment_slide(network: PromptNucSeg, path: Path, output_dir: Path, class_tab
 
     A nucleus is kept by the slide tile whose core holds its prompt point (the same rule as inside an image).
     Outputs are in level-0 pixels: polygons, centroids, area (px²) and perimeter (px) are scaled from the level
-    read by its downsample factor.
+    read by its downsample factor d, keeping the pixel-centre convention (level coordinate u -> (u + 0.5) d - 0.5,
+    so outlines stay on pixel edges and inside the slide).
     """
     from scripts import wsi  # the slide readers are only needed here
 
@@ -250,15 +251,23 @@ def _segment_slide_tile(network: PromptNucSeg, tile: Any, core: Any, info: Any, 
     table = nucleus_table(inst_map, tile.image, classes, scores, ious, class_table=class_table)
     sx, sy = info.downsample_x, info.downsample_y
     for row in table:
-        row["centroid_x"] = (row["centroid_x"] + tile.x) * sx
-        row["centroid_y"] = (row["centroid_y"] + tile.y) * sy
+        row["centroid_x"] = _to_level0(row["centroid_x"] + tile.x, sx)
+        row["centroid_y"] = _to_level0(row["centroid_y"] + tile.y, sy)
         row["area"] = row["area"] * sx * sy
         row["perimeter"] = row["perimeter"] * (sx + sy) / 2
     polygons = {
-        i: shapely.affinity.scale(shapely.affinity.translate(p, tile.x, tile.y), sx, sy, origin=(0, 0))
+        i: shapely.affinity.translate(
+            shapely.affinity.scale(shapely.affinity.translate(p, tile.x + 0.5, tile.y + 0.5), sx, sy, origin=(0, 0)),
+            -0.5, -0.5)
         for i, p in instance_polygons(inst_map).items()
     }
     return inst_map, type_map, table, polygons
+
+
+def _to_level0(u: float, downsample: float) -> float:
+    """A level coordinate (px, pixel centres at integers) in level-0 px: level pixel c covers level-0 pixels
+    [c * d, (c + 1) * d), whose centre is (c + 0.5) * d - 0.5 (pixel edges c ± 0.5 map to edges likewise)."""
+    return (u + 0.5) * downsample - 0.5
 
 
 def _paint_thumbnail(thumb_inst: np.ndarray, thumb_type: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray,
