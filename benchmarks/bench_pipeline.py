@@ -1,0 +1,555 @@
+"""Automatic pipeline speed and memory on this machine's CPU: where the time of a 256 px tile goes, and a slide.
+
+1. Per tile: the pipeline on one ~1 Mpx H&E image (a MoNuSeg 1000 x 1000 tile from the shared data, or a synthetic
+   1024 x 1024 image without it), every piece timed separately — prompter (network + prompt decoding + NMS),
+   segmentor image encoder, mask decoder (batched over the prompts of a tile), stitching (painting masks by
+   predicted IoU, relabelling) — and the writing of each output (label-map TIFFs, GeoJSON with its polygons,
+   CSV with its measurements, overlay PNG). Figures are seconds per 256 px segmentor tile of the pipeline's grid.
+2. End to end: a 4096 x 4096 pyramidal TIFF (3 levels; a mosaic of H&E tiles with white background blocks)
+   through the bundle's ``inference`` run id in a child process: wall time, peak resident memory of that process
+   (VmHWM; also for the same command on one 256 px tile, the libraries-and-model baseline), nuclei,
+   tiles processed.
+
+The model: randomly initialised networks of the default architectures (prompter ``resnet_small`` with FPN/MLP
+width 256; segmentor ``vit_tiny`` and ``conv_small`` at 256 px), exported with ``scripts.export.export_model``,
+with two biases set so the prompter yields a realistic number of prompts (about 40 per 256 px tile of H&E; the
+figures report the count actually found). Speed does not depend on the weights, only on the prompt count.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--quick] [--threads 1] [--output docs/benchmarks/pipeline.md]
+
+``--quick``: a 512 px image, a 1024 px slide, one repeat (a smoke run; its figures are not written unless
+``--output`` is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLE = REPO / "bundle"
+SHARED_DATA = REPO.parent / "shared" / "data"
+if str(BUNDLE) not in sys.path:
+    sys.path.insert(0, str(BUNDLE))
+
+from scripts.checkpoints import atomic_torch_save  # noqa: E402
+from scripts.export import export_model, load_model  # noqa: E402
+from scripts.prompter_net import Prompter  # noqa: E402
+from scripts.prompter_post import decode_prompts  # noqa: E402
+from scripts.records import load_class_table  # noqa: E402
+from scripts.segmentor_net import build_segmentor  # noqa: E402
+
+TILE = 256
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def _as_batch(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()
+
+
+@torch.no_grad()
+def calibrate_prompter(prompter: Prompter, image: np.ndarray, prompts_per_tile: float, nms_radius: float = 12,
+                       tile: int = TILE) -> int:
+    """Set two biases of a (random) prompter so that it finds about ``prompts_per_tile`` prompts per ``tile`` x
+    ``tile`` px of ``image`` (RGB uint8 (H, W, 3)) after mask filtering and NMS; returns the count on ``image``.
+
+    The nuclear-map bias puts sigmoid(aux) above 0.5 on half of ``image``; the background-class bias is shifted
+    (bisection) so that only the anchors whose best class logit beats background by the most are nuclei.
+    """
+    x = _as_batch(image)
+    prompter.mask_head[-1].bias -= prompter(x)["aux_logits"][0, 0].median()
+    outputs = prompter(x)
+    logits = outputs["pred_logits"]
+    margin = logits[0, :, :-1].max(-1).values - logits[0, :, -1]
+    target = prompts_per_tile * image.shape[0] * image.shape[1] / tile**2
+
+    def count(shift: float) -> int:
+        shifted = logits.clone()
+        shifted[..., -1] += shift
+        found = decode_prompts({**outputs, "pred_logits": shifted}, image.shape[:2], nms_radius=nms_radius)
+        return len(found[0]["points"])
+
+    # bisection on the fraction f of anchors called nuclei (shift = the (1 - f) quantile of the margins); at most
+    # 30 % of the anchors, which bounds the point NMS's work
+    lo, hi = 0.0, 0.3
+    for _ in range(25):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if count(float(torch.quantile(margin, 1 - mid))) > target else (mid, hi)
+    prompter.class_head.layers[-1].bias[-1] += float(torch.quantile(margin, 1 - lo))
+    found = decode_prompts(prompter(x), image.shape[:2], nms_radius=nms_radius)
+    return len(found[0]["points"])
+
+
+def random_model_file(path: str | Path, image: np.ndarray, prompts_per_tile: float = 40, variant: str = "vit_tiny",
+                      image_size: int = TILE, fpn_channels: int = 256, mlp_hidden: int = 256, seed: int = 0,
+                      finds_nothing: bool = False) -> Path:
+    """A model file of randomly initialised networks (prompter ``resnet_small``; segmentor ``variant`` at
+    ``image_size`` px) written with :func:`scripts.export.export_model`, its prompter calibrated on ``image`` (see
+    :func:`calibrate_prompter`) — a cheap stand-in for a trained model, for tests and benchmarks.
+
+    ``finds_nothing``: the nuclear map is below 0.5 everywhere, so the pipeline finds no nucleus in any image.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    class_table = load_class_table()
+    torch.manual_seed(seed)
+    prompter = Prompter(num_classes=len(class_table), backbone="resnet_small", levels=(2, 3, 4), anchor_step=8,
+                        fpn_channels=fpn_channels, mlp_hidden=mlp_hidden).eval()
+    segmentor = build_segmentor(variant, image_size).eval()
+    calibrate_prompter(prompter, image, prompts_per_tile)
+    if finds_nothing:
+        with torch.no_grad():
+            prompter.mask_head[-1].bias.fill_(-1e4)
+    p_cfg = {"num_classes": len(class_table), "backbone": "resnet_small", "levels": [2, 3, 4], "anchor_step": 8,
+             "fpn_channels": fpn_channels, "mlp_hidden": mlp_hidden,
+             "class_names": [class_table[k]["name"] for k in sorted(class_table)]}
+    s_cfg = {"variant": variant, "image_size": image_size, "overrides": {}}
+    parts = path.parent / f".{path.stem}_parts"
+    parts.mkdir(exist_ok=True)
+    atomic_torch_save({"network": prompter.state_dict(), "config": p_cfg}, parts / "prompter.pt")
+    atomic_torch_save({"network": segmentor.state_dict(), "config": s_cfg}, parts / "segmentor.pt")
+    return export_model(parts / "prompter.pt", parts / "segmentor.pt", path)
+
+
+# ---------------------------------------------------------------------------------------------- machine
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(threads: int) -> dict:
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "nice": os.nice(0), "load_start": os.getloadavg()}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def monuseg_files() -> list[Path]:
+    return sorted((SHARED_DATA / "monuseg_train").glob("*.tif"))
+
+
+def he_record(size: int, index: int = 0):
+    """A ``scripts.records.NucleusRecord`` of H&E with annotated nuclei, (size, size) px: a MoNuSeg 1000 px image
+    (shared data) cropped, else a synthetic one; and a description."""
+    from scripts.synthetic import make_synthetic_record
+
+    files = monuseg_files()
+    if not files or size > 1000:
+        record = make_synthetic_record((size, size), n_nuclei=size * size // 1500, num_classes=4, seed=index)
+        return record, f"synthetic {size} x {size} px (scripts.synthetic, {int(record.inst_map.max())} nuclei)"
+    from scripts.readers.monuseg import load_record
+
+    path = files[index % len(files)]
+    record = load_record(path.stem, str(path), str(path.with_suffix(".xml")))
+    record.image, record.inst_map = record.image[:size, :size].copy(), record.inst_map[:size, :size].copy()
+    nuclei = len(np.unique(record.inst_map)) - 1
+    return record, f"MoNuSeg {path.stem}, {size} x {size} px ({nuclei} annotated nuclei)"
+
+
+def he_crops(size: int, count: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` RGB uint8 (size, size, 3) H&E crops at random places of the MoNuSeg images (synthetic without)."""
+    rng = np.random.default_rng(seed)
+    files = monuseg_files()
+    if not files:
+        from scripts.synthetic import make_synthetic_record
+
+        return [make_synthetic_record((size, size), n_nuclei=size * size // 1500, num_classes=4, seed=seed + k).image
+                for k in range(count)]
+    from scripts.readers.common import read_image
+
+    sources = [read_image(f) for f in files]
+    crops = []
+    for k in range(count):
+        src = sources[(seed + k) % len(sources)]
+        y, x = rng.integers(0, src.shape[0] - size + 1), rng.integers(0, src.shape[1] - size + 1)
+        crops.append(src[y : y + size, x : x + size].copy())
+    return crops
+
+
+def slide_mosaic(size: int, block: int = 512, tissue: float = 0.75, holes: float = 0.1, seed: int = 0) -> np.ndarray:
+    """An RGB uint8 (size, size, 3) slide-like mosaic: ``block`` px H&E crops over the top-left ``tissue`` x
+    ``tissue`` of the image, a fraction ``holes`` of those blocks left white, glass (white) elsewhere."""
+    rng = np.random.default_rng(seed)
+    mosaic = np.full((size, size, 3), 255, np.uint8)
+    n = max(1, int(round(size * tissue / block)))
+    blocks = [(r, c) for r in range(n) for c in range(n)]
+    blank = set(rng.permutation(len(blocks))[: int(round(holes * len(blocks)))].tolist())
+    crops = iter(he_crops(block, len(blocks), seed))
+    for k, (r, c) in enumerate(blocks):
+        crop = next(crops)
+        if k not in blank:
+            mosaic[r * block : (r + 1) * block, c * block : (c + 1) * block] = crop
+    return mosaic
+
+
+# ---------------------------------------------------------------------------------------------- per tile
+class Stopwatch:
+    """Seconds and calls accumulated per name by wrapped callables."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+                self.calls[name] += 1
+        return timed
+
+    @contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] += time.perf_counter() - start
+        self.calls[name] += 1
+
+
+@contextmanager
+def instrumented(network, watch: Stopwatch) -> Iterator[None]:
+    """Time the pipeline's pieces while in the block: instance attributes shadow the methods of the prompter,
+    the segmentor and the pipeline, and ``scripts.pipeline``'s prompt decoding is wrapped; all undone after."""
+    import scripts.pipeline as pipeline
+
+    patches = [(network.prompter, "forward", "prompter network"), (network.segmentor, "encode", "encoder"),
+               (network.segmentor, "decode", "decoder"), (network, "_paint", "stitching"),
+               (network, "_relabel", "stitching")]
+    module_patches = [("decode_prompts", "prompt decoding + NMS"), ("point_nms", "prompt decoding + NMS")]
+    originals = {name: getattr(pipeline, name) for name, _ in module_patches}
+    for obj, attr, name in patches:
+        obj.__dict__[attr] = watch.wrap(name, getattr(obj, attr))
+    for attr, name in module_patches:
+        setattr(pipeline, attr, watch.wrap(name, originals[attr]))
+    try:
+        yield
+    finally:
+        for obj, attr, _ in patches:
+            obj.__dict__.pop(attr, None)
+        for attr, fn in originals.items():
+            setattr(pipeline, attr, fn)
+
+
+def time_writers(watch: Stopwatch, prefix: str, image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray,
+                 classes: dict, scores: dict, ious: dict, out_dir: Path) -> None:
+    """Time each output of ``scripts.inference.write_image_outputs`` separately (sections ``prefix + piece``)."""
+    from scripts.measurements import instance_polygons, nucleus_table
+    from scripts.writers import write_csv, write_geojson, write_label_maps, write_overlay
+
+    class_table = load_class_table()
+    with watch.section(prefix + "label-map TIFFs"):
+        write_label_maps(out_dir, "bench", inst_map, type_map)
+    with watch.section(prefix + "measurements table"):
+        table = nucleus_table(inst_map, image, classes, scores, ious, class_table=class_table)
+    with watch.section(prefix + "polygons"):
+        polygons = instance_polygons(inst_map)
+    with watch.section(prefix + "GeoJSON file"):
+        write_geojson(out_dir / "bench.geojson", polygons, table, class_table)
+    with watch.section(prefix + "CSV file"):
+        write_csv(out_dir / "bench.csv", table)
+    with watch.section(prefix + "overlay PNG"):
+        write_overlay(out_dir / "bench_overlay.png", image, inst_map, type_map, class_table)
+
+
+def bench_tile(model_path: Path, record, repeats: int, out_dir: Path) -> dict:
+    """Seconds per 256 px segmentor tile of each piece (medians over ``repeats`` runs after a warm-up); the writers
+    on the pipeline's output and on the image's annotated nuclei (``record.inst_map``, realistic outlines)."""
+    from scripts.inference import _per_id, image_tensor
+    from scripts.pipeline import tile_grid
+
+    image = record.image
+    network = load_model(model_path, "cpu")
+    tensor = image_tensor(image)
+    network(tensor)  # warm-up
+    truth = record.inst_map.astype(np.int32)
+    truth_ids = np.unique(truth[truth > 0]).tolist()
+    truth_types = (truth > 0).astype(np.int32)  # class 1 for every annotated nucleus
+    ones = dict.fromkeys(truth_ids, 1.0)
+    runs, result = [], None
+    for _ in range(repeats):
+        watch = Stopwatch()
+        with instrumented(network, watch), watch.section("total pipeline"):
+            result = network(tensor)
+        classes, scores, ious = _per_id(np.arange(1, len(result["classes"]) + 1), result)
+        time_writers(watch, "", image, result["inst_map"].numpy(), result["type_map"].numpy(), classes, scores, ious,
+                     out_dir)
+        time_writers(watch, "annotated: ", image, truth, truth_types, dict.fromkeys(truth_ids, 1), ones, ones,
+                     out_dir)
+        runs.append(watch)
+    grid = tile_grid(*image.shape[:2], network.tile_size, min(network.tile_overlap, network.tile_size // 2))
+    names = list(runs[-1].seconds)
+    return {
+        "image_shape": tuple(image.shape[:2]),
+        "grid_tiles": len(grid),
+        "tiles_with_prompts": runs[-1].calls["encoder"],
+        "prompts": int(network.find_prompts(tensor)["points"].shape[0]),
+        "nuclei": int(len(result["classes"])),
+        "annotated": len(truth_ids),
+        "seconds": {n: statistics.median(r.seconds[n] for r in runs) for n in names},
+        "fastest": {n: min(r.seconds[n] for r in runs) for n in names},
+        "repeats": repeats,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+# Runs ``python -m monai.bundle ...`` and, at exit, prints the process's peak resident memory (VmHWM: this
+# process image only; ru_maxrss would also count the parent's pages copied by fork before exec).
+_PEAK_WRAPPER = """
+import atexit, runpy, sys
+def _peak():
+    with open('/proc/self/status') as f:
+        kib = [line.split()[1] for line in f if line.startswith('VmHWM')]
+    sys.stdout.write('PEAK_RSS_KIB ' + (kib[0] if kib else '-1') + chr(10))
+    sys.stdout.flush()
+atexit.register(_peak)
+sys.argv = ['monai.bundle'] + sys.argv[1:]
+runpy.run_module('monai.bundle', run_name='__main__', alter_sys=True)
+"""
+
+
+def run_bundle_inference(model_path: Path, input_file: Path, out_dir: Path, threads: int) -> dict:
+    """The bundle's ``inference`` run id on one file in a child process: wall seconds, the run's own seconds
+    (its log), the child's peak resident memory (MiB, Linux VmHWM), its log."""
+    cmd = [sys.executable, "-c", _PEAK_WRAPPER, "run", "inference", "--config_file", "configs/inference.json",
+           "--input_file", str(input_file), "--output_dir", str(out_dir), "--model_path", str(model_path),
+           "--num_threads", str(threads), "--device", "$torch.device('cpu')"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=str(BUNDLE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=BUNDLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"bundle inference on {input_file} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
+    run_seconds, peak_kib = None, -1
+    for line in proc.stdout.splitlines():
+        if "inference done:" in line:
+            run_seconds = float(line.rsplit(" s ->", 1)[0].rsplit(",", 1)[1].strip())
+        if line.startswith("PEAK_RSS_KIB "):
+            peak_kib = int(line.split()[1])
+    return {"wall_s": wall, "run_s": run_seconds, "peak_rss_mib": peak_kib / 1024, "log": proc.stdout}
+
+
+def imports_peak_mib() -> float:
+    """Peak resident memory (MiB, VmHWM) of a child process that only imports torch, MONAI and the bundle."""
+    code = ("import torch, monai.bundle, scripts.inference, scripts.export\n"
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    env = dict(os.environ, PYTHONPATH=str(BUNDLE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], cwd=BUNDLE, env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def bench_slide(model_path: Path, size: int, threads: int, work: Path) -> dict:
+    """A ``size`` px pyramidal TIFF end to end through the bundle (after a one-tile baseline run)."""
+    from PIL import Image
+
+    from scripts import wsi
+    from scripts.inference import SlideOptions
+
+    small = work / "baseline" / "tile.png"
+    small.parent.mkdir(parents=True)
+    Image.fromarray(he_crops(TILE, 1, seed=7)[0]).save(small)
+    baseline = run_bundle_inference(model_path, small, work / "baseline_out", threads)
+
+    slide_path = work / "slide" / f"slide_{size}.tif"
+    slide_path.parent.mkdir(parents=True)
+    start = time.perf_counter()
+    wsi.write_pyramidal_tiff(slide_path, slide_mosaic(size), levels=3)
+    write_s = time.perf_counter() - start
+    options = SlideOptions()
+    with wsi.open_slide(slide_path) as slide:
+        mask = wsi.tissue_mask(slide)
+        kept = len(wsi.iter_tiles(slide, 0, options.tile_size, options.tile_overlap, mask,
+                                  options.min_tissue_fraction))
+        total = len(wsi.iter_tiles(slide, 0, options.tile_size, options.tile_overlap))
+    out = work / "slide_out"
+    run = run_bundle_inference(model_path, slide_path, out, threads)
+    with open(out / f"{slide_path.stem}.csv") as f:
+        nuclei = sum(1 for _ in f) - 1
+    return {"size": size, "levels": 3, "slide_tile": options.tile_size, "slide_overlap": options.tile_overlap,
+            "tiles_kept": kept, "tiles_total": total, "nuclei": nuclei, "write_slide_s": write_s,
+            "wall_s": run["wall_s"], "run_s": run["run_s"], "peak_rss_mib": run["peak_rss_mib"],
+            "baseline_wall_s": baseline["wall_s"], "baseline_run_s": baseline["run_s"],
+            "baseline_rss_mib": baseline["peak_rss_mib"], "imports_rss_mib": imports_peak_mib(),
+            "file_mib": slide_path.stat().st_size / 2**20}
+
+
+# ---------------------------------------------------------------------------------------------- report
+PIECES = ("prompter network", "prompt decoding + NMS", "encoder", "decoder", "stitching")
+WRITERS = ("label-map TIFFs", "measurements table", "polygons", "GeoJSON file", "CSV file", "overlay PNG")
+
+
+def markdown(info: dict, tiles: dict[str, dict], slide: dict | None, image_note: str, calibration: dict) -> str:
+    load = lambda values: ", ".join(f"{v:.2f}" for v in values)  # noqa: E731
+    first = next(iter(tiles.values()))
+    area_tiles = first["image_shape"][0] * first["image_shape"][1] / TILE**2
+    lines = [
+        "# Automatic pipeline speed and memory (CPU)",
+        "",
+        f"Written by `benchmarks/bench_pipeline.py` on {datetime.now():%Y-%m-%d %H:%M}.",
+        "",
+        f"CPU: {info['cpu']} ({info['cores']} logical cores), torch {info['torch']} with {info['threads']} "
+        f"thread(s), fp32, Python {info['python']}, nice {info['nice']}; load average (1, 5, 15 min) at start "
+        f"{load(info['load_start'])}, at end {load(info['load_end'])}.",
+        "",
+        "Model: **randomly initialised** networks of the default architectures — prompter `resnet_small` (FPN and "
+        "MLP width 256), segmentor `vit_tiny` or `conv_small` at 256 px — exported with "
+        "`scripts.export.export_model`, with two biases of the prompter set (nuclear map above 0.5 on half of the "
+        "image below; background logit shifted) so that it yields a realistic ~40 prompts per 256 x 256 px of H&E "
+        f"({calibration['found']} prompts on that {calibration['shape'][0]} x {calibration['shape'][1]} px image; "
+        "on other images a random prompter finds more or fewer). Speed depends on the prompt count, not on the "
+        "weights; the masks of random networks are not nuclei (larger, ragged), so the nuclei counts are not "
+        "quality figures and the writers are also timed on the image's annotated nuclei.",
+        "",
+        "## Per 256 px tile",
+        "",
+        f"Image: {image_note}. Default inference options (tiles of 256 px with 64 px overlap: "
+        f"{first['grid_tiles']} tiles; prompter on tiles of 1024 px; 1 negative prompt; mask filter; NMS 12 px). "
+        "Seconds per tile = seconds for the whole image / tiles of the grid; median of "
+        f"{first['repeats']} run(s) after a warm-up, the fastest in brackets.",
+        "",
+    ]
+    header = "| piece |" + "".join(f" {v} s/tile |" for v in tiles) + "".join(f" {v} s/image |" for v in tiles)
+    lines += [header, "|---|" + "---|" * (2 * len(tiles))]
+
+    def row(name: str, label: str | None = None) -> str:
+        cells = []
+        for t in tiles.values():
+            cells.append(f" {t['seconds'][name] / t['grid_tiles']:.4f} ({t['fastest'][name] / t['grid_tiles']:.4f}) |")
+        for t in tiles.values():
+            cells.append(f" {t['seconds'][name]:.3f} |")
+        return f"| {label or name} |" + "".join(cells)
+
+    for name in PIECES:
+        lines.append(row(name))
+    lines.append(row("total pipeline", "**pipeline total** (incl. cropping, prompt bookkeeping)"))
+    for name in WRITERS:
+        lines.append(row(name, f"write: {name}"))
+    for name in WRITERS:
+        lines.append(row("annotated: " + name, f"write, annotated nuclei: {name}"))
+    lines.append("")
+    for variant, t in tiles.items():
+        lines.append(f"- {variant}: {t['prompts']} prompts ({t['prompts'] / area_tiles:.1f} per 256 x 256 px, "
+                     f"{t['prompts'] / t['grid_tiles']:.1f} per tile of the overlapping grid; "
+                     f"{t['tiles_with_prompts']} tiles with prompts), {t['nuclei']} nuclei written; "
+                     f"{t['annotated']} annotated nuclei.")
+    lines += [
+        "",
+        "Encoder and decoder are the segmentor's forward passes; stitching = painting the masks by predicted IoU "
+        "and relabelling. The GeoJSON needs the polygons, GeoJSON and CSV both need the measurements table "
+        "(computed once per image); 'GeoJSON file' and 'CSV file' are the serialisation alone.",
+        "",
+    ]
+    if slide:
+        s = slide
+        lines += [
+            "## Whole slide, end to end",
+            "",
+            f"A {s['size']} x {s['size']} px pyramidal TIFF ({s['levels']} levels, zlib, {s['file_mib']:.1f} MiB): "
+            "512 px crops of MoNuSeg images over the top-left three quarters (in x and y), a tenth of those blocks "
+            "left white, glass elsewhere; through `python -m monai.bundle run inference --config_file "
+            "configs/inference.json --input_file <slide> --model_path <vit_tiny model> --num_threads "
+            f"{info['threads']}` in a child process (defaults: slide tiles of {s['slide_tile']} px with "
+            f"{s['slide_overlap']} px overlap at level 0, tissue tiles only).",
+            "",
+            "| figure | value |",
+            "|---|---|",
+            f"| slide tiles processed / in the grid (the others are glass) | {s['tiles_kept']} / {s['tiles_total']} |",
+            f"| nuclei written (GeoJSON, CSV, overlay thumbnail) | {s['nuclei']} |",
+            f"| seconds of the run (its log: reading, tissue mask, pipeline, writing) | {s['run_s']:.1f} "
+            f"({s['run_s'] / max(s['tiles_kept'], 1):.1f} per slide tile) |",
+            f"| wall seconds of the command (with imports and model loading) | {s['wall_s']:.1f} |",
+            f"| peak resident memory of the command (VmHWM) | {s['peak_rss_mib']:.0f} MiB |",
+            f"| the same command on one 256 px tile (libraries + model) | {s['baseline_rss_mib']:.0f} MiB, "
+            f"{s['baseline_wall_s']:.1f} s wall |",
+            f"| a process that only imports torch, MONAI and the bundle's scripts | {s['imports_rss_mib']:.0f} MiB |",
+            "",
+            f"The slide raised the peak by {s['peak_rss_mib'] - s['baseline_rss_mib']:.0f} MiB over the one-tile "
+            "run: the working set of one 1024 px slide tile (prompter feature maps, up to 256 masks of 256 px at a "
+            "time, the tile's label maps); slide tiles are read one at a time, GeoJSON and CSV are streamed, and "
+            "only the overlay thumbnail (<= 2048 px) is held whole. Most of the resident memory is the libraries.",
+            "",
+        ]
+    lines += [
+        "The machine is shared: a load average above the thread count means other processes competed for the "
+        "cores and the figures are upper bounds.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke run)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--image_size", type=int, default=1000)
+    ap.add_argument("--slide_size", type=int, default=4096)
+    ap.add_argument("--variants", nargs="+", default=["vit_tiny", "conv_small"])
+    ap.add_argument("--no_slide", action="store_true")
+    ap.add_argument("--output", default=None, help="markdown file (default docs/benchmarks/pipeline.md unless --quick)")
+    args = ap.parse_args()
+    if args.quick:
+        args.image_size, args.slide_size, args.repeats = 512, 1024, 1
+    output = args.output or (None if args.quick else str(REPO / "docs" / "benchmarks" / "pipeline.md"))
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    info = machine(args.threads)
+    print(f"CPU {info['cpu']} ({info['cores']} cores), torch {info['torch']}, {args.threads} thread(s), "
+          f"nice {info['nice']}, load average at start {info['load_start']}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
+        work = Path(tmp)
+        record, image_note = he_record(args.image_size, index=1)
+        calibration = record.image  # the prompt density is set on the benchmark image itself
+        tiles, models, found = {}, {}, {}
+        for variant in args.variants:
+            models[variant] = random_model_file(work / variant / "model.pt", calibration, 40, variant=variant)
+            with torch.no_grad():
+                prompts = decode_prompts(load_model(models[variant]).prompter(_as_batch(calibration)),
+                                         calibration.shape[:2])
+            found = {"found": len(prompts[0]["points"]), "shape": calibration.shape[:2]}
+            tiles[variant] = bench_tile(models[variant], record, args.repeats, work / variant / "out")
+            t = tiles[variant]
+            print(f"\n{variant}: {t['grid_tiles']} tiles, {t['prompts']} prompts, {t['nuclei']} nuclei; s/tile:",
+                  flush=True)
+            for name in (*PIECES, "total pipeline", *WRITERS, *("annotated: " + w for w in WRITERS)):
+                print(f"  {name:40s} {t['seconds'][name] / t['grid_tiles']:.4f}", flush=True)
+        slide = None
+        if not args.no_slide:
+            slide = bench_slide(models[args.variants[0]], args.slide_size, args.threads, work / "e2e")
+            print(f"\nslide {slide['size']} px: {slide['tiles_kept']}/{slide['tiles_total']} tiles, "
+                  f"{slide['nuclei']} nuclei, run {slide['run_s']:.1f} s, wall {slide['wall_s']:.1f} s, peak RSS "
+                  f"{slide['peak_rss_mib']:.0f} MiB (one-tile baseline {slide['baseline_rss_mib']:.0f} MiB)",
+                  flush=True)
+    info["load_end"] = os.getloadavg()
+    print(f"load average at end {info['load_end']}")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(markdown(info, tiles, slide, image_note, found))
+        print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
