@@ -486,8 +486,8 @@ def markdown(info: dict, tiles: dict[str, dict], slide: dict | None, image_note:
             f"| a process that only imports torch, MONAI and the bundle's scripts | {s['imports_rss_mib']:.0f} MiB |",
             "",
             f"The slide raised the peak by {s['peak_rss_mib'] - s['baseline_rss_mib']:.0f} MiB over the one-tile "
-            "run: the working set of one 1024 px slide tile (prompter feature maps, up to 256 masks of 256 px at a "
-            "time, the tile's label maps); slide tiles are read one at a time, GeoJSON and CSV are streamed, and "
+            "run (not broken down further; one 1024 px slide tile's working set — prompter feature maps, up to 256 "
+            "masks of 256 px at a time, label maps — is the likely part); slide tiles are read one at a time, GeoJSON and CSV are streamed, and "
             "only the overlay thumbnail (<= 2048 px) is held whole. Most of the resident memory is the libraries.",
             "",
         ]
