@@ -117,11 +117,11 @@ def test_training_stages_are_tracked(tracked: dict) -> None:
     assert (runs["status"] == "FINISHED").all()
     prompter, segmentor, second = (runs.iloc[i] for i in range(3))
     assert prompter["tags.session"] == segmentor["tags.session"] != second["tags.session"]
-    assert prompter["tags.variant"] == "resnet_small" and segmentor["tags.variant"] == "vit_tiny"
+    assert prompter["tags.variant"] == "resnet_small" and segmentor["tags.variant"] == "conv_small"
     assert prompter["tags.dataset"] == "data" and second["tags.mlflow.runName"] == "negs2-segmentor"
     # parameters that matter
     assert prompter["params.anchor_step"] == "8" and prompter["params.bg_weight"] == "0.4"
-    assert segmentor["params.sam_variant"] == "vit_tiny" and segmentor["params.focal_weight"] == "20.0"
+    assert segmentor["params.sam_variant"] == "conv_small" and segmentor["params.focal_weight"] == "1.0"
     assert segmentor["params.num_neg_prompts"] == "1" and second["params.num_neg_prompts"] == "2"
     assert segmentor["params.seed"] == "0" and segmentor["params.max_epochs"] == "2"
     assert Path(segmentor["params.dataset_dir"]).name == "data"

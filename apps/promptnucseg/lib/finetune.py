@@ -58,6 +58,9 @@ def build_parser(dataset_dir: Path, work_dir: Path, max_epochs: int, device: str
         parser["prompter#backbone"] = p_cfg["backbone"]
         parser["prompter#levels"] = list(p_cfg["levels"])
         parser["prompter#anchor_step"] = int(p_cfg["anchor_step"])
+        for key in ("fpn_channels", "mlp_hidden"):  # head widths of the model being fine-tuned
+            if key in p_cfg:
+                parser[f"prompter#{key}"] = int(p_cfg[key])
         parser["prompter#pretrained"] = None
         parser["segmentor#sam_variant"] = s_cfg["variant"]
         parser["segmentor#sam_checkpoint"] = None
