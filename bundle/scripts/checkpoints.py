@@ -23,6 +23,10 @@ LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
 
 
+_UMASK = os.umask(0)  # the process umask (read, then restored)
+os.umask(_UMASK)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: a reader never sees a partial file."""
     path = Path(path)
@@ -33,6 +37,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -41,6 +41,10 @@ GEOJSON_MEASUREMENTS = {
 UNCLASSIFIED_COLOR = (255, 255, 0)  # overlay colour of nuclei without a class
 
 
+_UMASK = os.umask(0)  # the process umask (read, then restored)
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed."""
@@ -50,6 +54,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
