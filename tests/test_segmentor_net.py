@@ -280,3 +280,16 @@ def test_tiny_overfits_one_image() -> None:
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert np.isfinite(losses).all() and last < 0.85 * first, (first, last)
     assert np.mean(mask_terms[-5:]) < 0.45, mask_terms
+
+
+def test_batch_without_any_nucleus_still_back_propagates() -> None:
+    """Random crops can hold no nucleus: every prompt is padding, yet the training step must not fail."""
+    from scripts.segmentor_loss import SegmentorLoss
+
+    net = build_segmentor("conv_small", image_size=64)
+    valid = torch.zeros(2, 3, dtype=torch.bool)
+    out = net(torch.rand(2, 3, 64, 64) * 255, torch.zeros(2, 3, 2, 2), -torch.ones(2, 3, 2, dtype=torch.long), valid)
+    loss = SegmentorLoss(mask_loss="bce", mask_reduction="balanced")(
+        out["mask_logits"], out["iou_pred"], torch.zeros(2, 3, 64, 64), valid)["loss"]
+    loss.backward()
+    assert float(loss) == 0.0

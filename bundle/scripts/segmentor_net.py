@@ -166,8 +166,9 @@ class Segmentor(nn.Module):
         s = self.mask_decoder_scale
         out_h, out_w = (round(H * s), round(W * s)) if low_res else (H, W)
         num = point_coords.shape[0]
-        if num == 0:
-            return embedding.new_zeros((0, out_h, out_w)), embedding.new_zeros((0,))
+        if num == 0:  # empty outputs still tied to the graph, so a batch without nuclei can back-propagate
+            tie = embedding.sum() * 0.0
+            return embedding.new_zeros((0, out_h, out_w)) + tie, embedding.new_zeros((0,)) + tie
         sparse, dense = self.prompt_encoder(
             points=(point_coords.to(embedding), point_labels.to(embedding.device)), boxes=None, masks=None
         )
