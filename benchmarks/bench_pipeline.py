@@ -48,6 +48,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 if str(BUNDLE) not in sys.path:
     sys.path.insert(0, str(BUNDLE))
 
+from machine import cpu_name  # noqa: E402
 from scripts.checkpoints import atomic_torch_save  # noqa: E402
 from scripts.export import export_model, load_model  # noqa: E402
 from scripts.prompter_net import Prompter  # noqa: E402
@@ -125,17 +126,6 @@ def random_model_file(path: str | Path, image: np.ndarray, prompts_per_tile: flo
     atomic_torch_save({"network": prompter.state_dict(), "config": p_cfg}, parts / "prompter.pt")
     atomic_torch_save({"network": segmentor.state_dict(), "config": s_cfg}, parts / "segmentor.pt")
     return export_model(parts / "prompter.pt", parts / "segmentor.pt", path)
-
-
-# ---------------------------------------------------------------------------------------------- machine
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine(threads: int) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,18 +21,9 @@ sys.path.insert(0, str(REPO_ROOT / "bundle"))
 
 import torch  # noqa: E402
 
+from machine import cpu_name  # noqa: E402
 from scripts.prompter_loss import PrompterLoss  # noqa: E402
 from scripts.prompter_net import Prompter  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def median_seconds(fn, runs: int, warmup: int) -> float:
@@ -99,7 +89,7 @@ def main() -> None:
         except ImportError:
             print("timm not importable: skipping convnext_small")
 
-    machine = f"{cpu_model()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}"
+    machine = f"{cpu_name()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}"
     load = f", 1-min load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"machine: {machine}{load}")
     rows = []
