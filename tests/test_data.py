@@ -10,6 +10,7 @@ from scripts.data import (
     LoadNucleusItemd,
     PadToMultipled,
     grid_crop_items,
+    repeat_by_area,
     split_items,
     train_val_items,
 )
@@ -50,6 +51,41 @@ def test_train_val_items_on_real_consep(shared_data):
     train, val = train_val_items(str(shared_data / "consep_train"), "hovernet", None, 0.1, 0)
     assert len(train) + len(val) == 432
     assert len(val) % 16 == 0 and len(val) > 0  # whole images of 16 tiles
+
+
+def test_train_val_items_splits_each_folder(shared_data):
+    """CoNSeP tiles and MoNuSeg images together: each folder gives its own share of validation images."""
+    folders = [str(shared_data / "consep_train"), str(shared_data / "monuseg_train")]
+    train, val = train_val_items(folders, "auto", None, 0.2, 0)
+    assert len(train) + len(val) == 432 + 13
+    val_monuseg = [it for it in val if it.name.startswith("TCGA")]
+    assert len(val_monuseg) == 3 and len(val) - len(val_monuseg) == 16 * round(27 * 0.2)
+    assert not {it.name for it in train} & {it.name for it in val}
+
+
+def test_repeat_by_area_samples_large_images_like_tiles(tmp_path):
+    from PIL import Image
+
+    calls = []
+
+    def item(name, size):
+        path = tmp_path / f"{name}.png"
+        Image.new("RGB", size[::-1]).save(path)
+
+        def load():
+            calls.append(name)
+            return NucleusRecord(name=name, image=np.zeros((*size, 3), np.uint8), inst_map=np.zeros(size, np.int32))
+
+        return DatasetItem(name=name, source=str(path), loader=load)
+
+    items = repeat_by_area([item("tile", (256, 256)), item("field", (1000, 1000)), item("small", (100, 90))], 256)
+    assert [it.name for it in items].count("field") == 15 and len(items) == 17  # 1000² / 256² = 15.3
+    field = [it for it in items if it.name == "field"]
+    field[0].load(), field[5].load()
+    assert calls == ["field"]  # a repeated image is read once
+    missing = DatasetItem(name="npy", source="not/an/image[3]", loader=lambda: NucleusRecord(
+        name="npy", image=np.zeros((512, 256, 3), np.uint8), inst_map=np.zeros((512, 256), np.int32)))
+    assert len(repeat_by_area([missing], 256)) == 2  # size from the record when the header cannot be read
 
 
 def test_load_pad_crop_collate():

@@ -178,6 +178,15 @@ def test_detection_and_type_f1_pooled_hand_computed() -> None:
     assert (empty.precision, empty.recall, empty.f1) == (None, None, None)
 
 
+def test_unknown_true_class_counts_for_detection_only() -> None:
+    """True class 0 = unknown (an untyped image scored with typed ones): detected, but no class to get right."""
+    classes = (1, 2)
+    counts = detection_counts([[0, 0], [50, 0], [100, 0]], [[1, 0], [51, 0]], 12, [0, 2, 0], [1, 2], classes)
+    assert (counts.tp, counts.fp, counts.fn) == (2, 0, 1)
+    assert counts.type_counts.tolist() == [[0, 0, 0, 0, 0], [1, 0, 0, 0, 0]]  # the pair (unknown, 1) is left out
+    assert counts.f1_type(1) is None and counts.f1_type(2) == pytest.approx(1.0)
+
+
 def test_tissue_mean() -> None:
     assert tissue_mean([1.0, 0.0, None, 0.5], [None] * 4) == pytest.approx(0.5)
     assert tissue_mean([1.0, 0.0, 0.5, None], ["a", "a", "b", "c"]) == pytest.approx(0.5)

@@ -78,6 +78,21 @@ def test_hand_case_batch_with_empty_image_and_more_nuclei_than_anchors():
     assert loss["loss_aux"].item() == pytest.approx(0.5 * focal(0.0, 0), rel=1e-5)
 
 
+def test_unknown_class_targets_any_foreground_class():
+    """An untyped nucleus (class -1) in a typed batch: its anchor's term is -log(1 - p(background)), weight 1."""
+    outputs = {
+        "pred_points": torch.tensor([[[10.0, 10.0], [30.0, 30.0]]]),
+        "pred_logits": torch.tensor([[[1.0, 0.5, 0.0], [0.0, 0.0, 2.0]]]),  # C = 2
+        "aux_logits": torch.zeros(1, 1, 1, 1),
+    }
+    loss = PrompterLoss(bg_weight=0.4)(outputs, [torch.tensor([[11.0, 10.0]])], [torch.tensor([-1])], torch.zeros(1, 1, 1, 1))
+    p0 = softmax([1.0, 0.5, 0.0])
+    ce_unknown = -math.log(p0[0] + p0[1])
+    ce_background = -math.log(softmax([0.0, 0.0, 2.0])[2])
+    assert loss["loss_cls"].item() == pytest.approx((ce_unknown + 0.4 * ce_background) / 1.4, rel=1e-5)
+    assert loss["num_matched"].item() == 1
+
+
 def test_input_errors():
     outputs = {"pred_points": torch.zeros(1, 2, 2), "pred_logits": torch.zeros(1, 2, 2), "aux_logits": torch.zeros(1, 1, 4, 4)}
     with pytest.raises(ValueError, match="fg_mask"):

@@ -101,3 +101,16 @@ def test_anchor_matcher_batch_without_grad():
     assert not matches[0][0].requires_grad
     with pytest.raises(ValueError, match="batch"):
         AnchorMatcher()({"pred_points": points, "pred_logits": logits}, gt_points[:1], gt_classes[:1])
+
+
+def test_unknown_class_costs_the_foreground_probability():
+    """A nucleus of unknown class (-1, untyped data mixed with typed) is matched on 1 - p(background)."""
+    pred_points = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    pred_probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    cost = match_cost(pred_points, pred_probs, torch.tensor([[3.0, 4.0], [10.0, 0.0]]), torch.tensor([-1, 0]), alpha=0.1)
+    expected = torch.tensor(
+        [[0.1 * 5 - 0.9, 0.1 * 10 - 0.7], [0.1 * (49 + 16) ** 0.5 - 0.4, 0.0 - 0.1]], dtype=torch.float64
+    )
+    torch.testing.assert_close(cost, expected)
+    with pytest.raises(ValueError, match="unknown class"):
+        hungarian_match(pred_points, pred_probs, torch.rand(1, 2), torch.tensor([-2]))

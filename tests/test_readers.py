@@ -381,3 +381,14 @@ def test_empty_hovernet_folder_is_an_error(tmp_path):
         (tmp_path / sub).mkdir()
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "Images"))):
         list_items(tmp_path)
+
+
+def test_class_names_of_a_list_of_folders(tmp_path):
+    """Typed and untyped folders together: the typed table; typed folders that disagree are an error."""
+    hovernet = write_fixture(tmp_path / "a", "hovernet")
+    monuseg = write_fixture(tmp_path / "b", "monuseg")
+    pannuke = write_fixture(tmp_path / "c", "pannuke")
+    assert dataset_class_names([hovernet, monuseg]) == TABLE_NAMES
+    assert dataset_class_names([str(monuseg)]) is None
+    with pytest.raises(ValueError, match="different class tables"):
+        dataset_class_names([hovernet, pannuke])

@@ -7,6 +7,8 @@ Dictionary keys (channel-first, the MONAI convention):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import random
 import re
 from collections.abc import Hashable, Mapping, Sequence
@@ -16,8 +18,10 @@ import numpy as np
 import torch
 from monai.data import Dataset, list_data_collate
 from monai.transforms import MapTransform
+from PIL import Image
 
 from scripts.readers import list_items
+from scripts.readers.common import check_unique_names
 from scripts.records import DatasetItem
 
 IMAGE_KEYS = ("image", "inst", "type")
@@ -68,15 +72,46 @@ def train_val_items(
 ) -> tuple[list[DatasetItem], list[DatasetItem]]:
     """Training and validation items: ``val_dir`` when given, else a split of ``dataset_dir``.
 
-    ``dataset_dir`` may be a list of folders (all of ``dataset_format``, or ``auto`` to detect each).
+    ``dataset_dir`` may be a list of folders (all of ``dataset_format``, or ``auto`` to detect each); each
+    folder is split on its own by ``val_fraction``, so every source has images in validation.
     """
     dirs = [dataset_dir] if isinstance(dataset_dir, str) else list(dataset_dir)
-    items = [it for d in dirs for it in list_items(d, dataset_format)]
+    per_dir = [list_items(d, dataset_format) for d in dirs]
+    items = [it for folder_items in per_dir for it in folder_items]
     if not items:
         raise ValueError(f"no images found in dataset_dir={dataset_dir!r}")
+    check_unique_names(items)
     if val_dir:
         return items, list_items(val_dir, dataset_format)
-    return split_items(items, val_fraction=val_fraction, seed=seed)
+    splits = [split_items(folder_items, val_fraction=val_fraction, seed=seed) for folder_items in per_dir]
+    return [it for train, _ in splits for it in train], [it for _, val in splits for it in val]
+
+
+def image_size(item: DatasetItem) -> tuple[int, int]:
+    """(height, width) in pixels of an item's image, from the file header when PIL can read it, else by loading."""
+    try:
+        with Image.open(item.source) as image:
+            width, height = image.size
+        return int(height), int(width)
+    except (OSError, ValueError):
+        return tuple(item.load().image.shape[:2])  # type: ignore[return-value]
+
+
+def repeat_by_area(items: Sequence[DatasetItem], patch_size: int) -> list[DatasetItem]:
+    """Each item ``max(1, round(H * W / patch_size²))`` times, so that a 1000 px image gives as many random
+    training crops per epoch as the 256 px tiles covering it (otherwise large images are under-sampled).
+
+    A repeated item's record is read once and kept in memory (the loader returns the same record; the
+    loading transform copies its arrays).
+    """
+    repeated = []
+    for item in items:
+        height, width = image_size(item)
+        repeats = max(1, round(height * width / float(patch_size) ** 2))
+        if repeats > 1:  # read a large image once, not once per crop (a MoNuSeg XML takes ~0.35 s to rasterise)
+            item = dataclasses.replace(item, loader=functools.cache(item.loader))
+        repeated += [item] * repeats
+    return repeated
 
 
 def as_dicts(items: Sequence[DatasetItem]) -> list[dict]:

@@ -19,11 +19,16 @@ def match_cost(pred_points: torch.Tensor, pred_probs: torch.Tensor, gt_points: t
         pred_points: (A, 2) refined points (x, y) px.
         pred_probs: (A, C + 1) class probabilities (softmax), last column = background.
         gt_points: (N, 2) nucleus points (x, y) px.
-        gt_classes: (N,) class indices in 0..C-1.
+        gt_classes: (N,) class indices in 0..C-1, or -1 for a nucleus of unknown class (untyped data mixed
+            with typed data), whose term is the foreground probability 1 - p(background).
         alpha: weight of the distance term (per px).
     """
     distance = torch.cdist(pred_points.double(), gt_points.double())
-    return alpha * distance - pred_probs.double()[:, gt_classes.long()]
+    probs = pred_probs.double()
+    gt_classes = gt_classes.long().to(probs.device)
+    class_prob = probs[:, gt_classes.clamp(min=0)]
+    foreground_prob = (1.0 - probs[:, -1:]).expand_as(class_prob)  # for nuclei of unknown class (-1)
+    return alpha * distance - torch.where(gt_classes[None] < 0, foreground_prob, class_prob)
 
 
 def hungarian_match(
@@ -35,7 +40,7 @@ def hungarian_match(
         pred_points: (A, 2) refined points (x, y) px.
         pred_probs: (A, C + 1) class probabilities, last column = background.
         gt_points: (N, 2) nucleus points (x, y) px.
-        gt_classes: (N,) class indices in 0..C-1.
+        gt_classes: (N,) class indices in 0..C-1 (-1: unknown class, see :func:`match_cost`).
         alpha: weight of the distance term.
 
     Returns:
@@ -48,8 +53,10 @@ def hungarian_match(
     if gt_points.shape[0] == 0 or pred_points.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty.clone()
-    if gt_classes.numel() and (int(gt_classes.min()) < 0 or int(gt_classes.max()) >= pred_probs.shape[1] - 1):
-        raise ValueError(f"gt_classes must lie in 0..{pred_probs.shape[1] - 2}, got {gt_classes.min()}..{gt_classes.max()}")
+    if gt_classes.numel() and (int(gt_classes.min()) < -1 or int(gt_classes.max()) >= pred_probs.shape[1] - 1):
+        raise ValueError(
+            f"gt_classes must lie in 0..{pred_probs.shape[1] - 2} (or -1: unknown class), got {gt_classes.min()}..{gt_classes.max()}"
+        )
     cost = match_cost(pred_points, pred_probs, gt_points, gt_classes, alpha).detach().cpu().numpy()
     if not np.isfinite(cost).all():
         raise ValueError("matching cost has non-finite entries (NaN/inf in pred_points or pred_probs)")

@@ -454,8 +454,10 @@ def detection_counts(
     Args:
         true_xy, pred_xy: (N, 2), (M, 2) points (x, y) in pixels.
         radius: largest distance in pixels of a pair (HoVer-Net uses 12 px at 40x).
-        true_classes, pred_classes: class per point (N,), (M,); missing ones count as class 0.
-        class_ids: the classes for the per-class counts.
+        true_classes, pred_classes: class per point (N,), (M,); missing ones count as class 0. A true point of
+            class 0 is of unknown class (untyped images scored with typed ones): it counts for detection and its
+            pair is left out of the per-class counts (an unpaired one is in no class's ``fn_d``).
+        class_ids: the classes for the per-class counts (ids from 1).
     """
     true_xy = np.asarray(true_xy, np.float64).reshape(-1, 2)
     pred_xy = np.asarray(pred_xy, np.float64).reshape(-1, 2)
@@ -465,7 +467,8 @@ def detection_counts(
         raise ValueError(f"classes ({len(t_cls)}, {len(p_cls)}) do not match points ({len(true_xy)}, {len(pred_xy)})")
     pairing, unpaired_true, unpaired_pred = pair_coordinates(true_xy, pred_xy, radius)
     cids = np.asarray(list(class_ids), np.int64)[None, :]
-    pt, pp = t_cls[pairing[:, 0], None], p_cls[pairing[:, 1], None]
+    typed_pairs = pairing[t_cls[pairing[:, 0]] > 0]  # a true point of class 0 (unknown) has no class to get right
+    pt, pp = t_cls[typed_pairs[:, 0], None], p_cls[typed_pairs[:, 1], None]
     type_counts = np.stack(
         [
             ((pt == cids) & (pp == cids)).sum(0),

@@ -4,6 +4,8 @@
   unmatched anchors the background class (index C) with weight β (``bg_weight``), foreground classes weight 1.
   Normalised as a weighted mean, Σ w_t · CE / Σ w_t over every anchor of the batch (PyTorch's weighted
   ``cross_entropy``), i.e. divided by N + β (M - N) where the paper writes 1/M (a constant factor per image).
+  A nucleus of unknown class (class -1: untyped data such as MoNuSeg mixed with typed data such as CoNSeP)
+  targets "any foreground class": its anchor's term is -log(1 - p(background)), weight 1.
 - ``L_reg``: γ (``reg_weight``) · Σ_matched ||â - b||² / N, squared error summed over x and y, N = number of
   ground-truth points in the batch (nuclei left unmatched when N > A still count in N); 0 when N = 0.
 - ``L_aux``: ``aux_weight`` · sigmoid focal loss (γ_focal = 2, no α) between ``aux_logits`` and the binary
@@ -49,12 +51,26 @@ class PrompterLoss(nn.Module):
         self.focal = FocalLoss(include_background=True, gamma=focal_gamma, alpha=focal_alpha, use_softmax=False, reduction="mean")
 
     def classification_targets(self, logits: torch.Tensor, matches: list[tuple[torch.Tensor, torch.Tensor]], gt_classes: list[torch.Tensor]) -> torch.Tensor:
-        """(B, A) int64 targets: the matched nucleus's class, background (C) elsewhere."""
+        """(B, A) int64 targets: the matched nucleus's class (-1: unknown class), background (C) elsewhere."""
         background = logits.shape[-1] - 1
         targets = torch.full(logits.shape[:2], background, dtype=torch.long, device=logits.device)
         for b, (anchor_idx, gt_idx) in enumerate(matches):
             targets[b, anchor_idx] = gt_classes[b].to(logits.device).long()[gt_idx]
         return targets
+
+    def classification_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Weighted mean cross-entropy over all anchors; unknown-class targets (-1) score the foreground mass."""
+        num_classes = logits.shape[-1] - 1
+        class_weight = torch.ones(num_classes + 1, dtype=logits.dtype, device=logits.device)
+        class_weight[-1] = self.bg_weight
+        log_probs = F.log_softmax(logits.flatten(0, 1), dim=-1)
+        targets = targets.flatten()
+        unknown = targets < 0
+        known_nll = -log_probs.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+        foreground_nll = -torch.logsumexp(log_probs[:, :num_classes], dim=-1)
+        nll = torch.where(unknown, foreground_nll, known_nll)
+        weight = torch.where(unknown, torch.ones_like(nll), class_weight[targets.clamp(min=0)])
+        return (weight * nll).sum() / weight.sum()
 
     def forward(
         self,
@@ -80,14 +96,14 @@ class PrompterLoss(nn.Module):
             raise ValueError(f"fg_mask shape {tuple(fg_mask.shape)} does not match aux_logits {tuple(aux.shape)}")
         num_classes = logits.shape[-1] - 1
         for b, classes in enumerate(gt_classes):
-            if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
-                raise ValueError(f"gt_classes[{b}] must lie in 0..{num_classes - 1}, got {classes.min()}..{classes.max()}")
+            if classes.numel() and (int(classes.min()) < -1 or int(classes.max()) >= num_classes):
+                raise ValueError(
+                    f"gt_classes[{b}] must lie in 0..{num_classes - 1} (or -1: unknown class), got {classes.min()}..{classes.max()}"
+                )
         matches = self.matcher(outputs, gt_points, gt_classes)
 
         targets = self.classification_targets(logits, matches, gt_classes)
-        class_weight = torch.ones(num_classes + 1, dtype=logits.dtype, device=logits.device)
-        class_weight[-1] = self.bg_weight
-        loss_cls = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), weight=class_weight)
+        loss_cls = self.classification_loss(logits, targets)
 
         num_gt = sum(int(p.shape[0]) for p in gt_points)
         matched_pred = torch.cat([pred_points[b, a] for b, (a, _) in enumerate(matches)])

@@ -110,9 +110,11 @@ def tracking_problem(uri: str, timeout: float = 5.0) -> str | None:
     return problem
 
 
-def dataset_name(dataset_dir: str | os.PathLike) -> str:
-    """A short dataset tag: the name of the dataset folder (``"."`` resolved)."""
-    return Path(dataset_dir).expanduser().resolve().name
+def dataset_name(dataset_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
+    """A short dataset tag: the name of the dataset folder (``"."`` resolved); ``a+b`` for a list of folders."""
+    if isinstance(dataset_dir, (str, os.PathLike)):
+        return Path(dataset_dir).expanduser().resolve().name
+    return "+".join(dataset_name(d) for d in dataset_dir)
 
 
 def _key(name: str) -> str:

@@ -13,6 +13,7 @@ Items are sorted by name, names are unique, and ``item.load()`` reads the files 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -79,11 +80,21 @@ def read_dataset(dataset_dir: str | Path, dataset_format: str = "auto") -> list[
     return [item.load() for item in list_items(dataset_dir, dataset_format)]
 
 
-def dataset_class_names(dataset_dir: str | Path, dataset_format: str = "auto") -> dict[int, str] | None:
+def dataset_class_names(
+    dataset_dir: str | Path | Sequence[str | Path], dataset_format: str = "auto"
+) -> dict[int, str] | None:
     """Class id -> name for a typed dataset (ids from 1), None for untyped data.
 
     hovernet: the bundle class table when the labels have a class map; pannuke: its five fixed classes;
     monuseg: None; folder: classes 1..K of its class maps (table names or "class <k>"), None without class maps.
+    A list of folders gives the class table of its typed folders (they must agree); untyped folders add
+    nuclei of unknown class.
     """
-    path, reader = _reader(dataset_dir, dataset_format)
-    return reader.class_names(path)
+    if isinstance(dataset_dir, (str, Path)):
+        path, reader = _reader(dataset_dir, dataset_format)
+        return reader.class_names(path)
+    tables = {str(d): dataset_class_names(d, dataset_format) for d in dataset_dir}
+    typed = {d: t for d, t in tables.items() if t}
+    if len({tuple(sorted(t.items())) for t in typed.values()}) > 1:
+        raise ValueError(f"dataset folders have different class tables: {typed}")
+    return next(iter(typed.values()), None)
