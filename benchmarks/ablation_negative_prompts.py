@@ -1,11 +1,14 @@
-"""Negative prompts (paper §3.4, Table 7): train the segmentor with K = 0 and K = 1 negatives, test each with
-K = 0 and K = 1, prompted by the ground truth ("oracle"), on held-out synthetic H&E with overlapping nuclei.
+"""Negative prompts (paper §3.4, Table 7): train the segmentor with K = 0, 1, 2 negatives, test each with
+K = 0, 1, 2, prompted by the ground truth ("oracle"), on held-out synthetic H&E with overlapping nuclei.
 
 Every step goes through the bundle's own commands (``training`` with ``--num_neg_prompts K``; ``evaluating`` with
 ``--prompts oracle --pipeline#num_neg K``). Prints the table and the machine, writes
 ``docs/benchmarks/negative_prompts.md``.
 
-    python benchmarks/ablation_negative_prompts.py [--epochs 150] [--size 128] [--work /tmp/ablation_neg]
+    python benchmarks/ablation_negative_prompts.py [--epochs 150] [--size 128] [--k_train 0 1 2] [--k_test 0 1 2]
+        [--stride 16] [--work /tmp/ablation_neg] [--out docs/benchmarks/negative_prompts.md]
+
+``--stride 8`` gives the segmentor's convolutional encoder a 2x finer token grid (the token-resolution study).
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--k_train", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--k_test", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--stride", type=int, default=16, choices=(8, 16), help="segmentor token stride in px")
     parser.add_argument("--work", default="/tmp/ablation_neg")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "negative_prompts.md"))
     args = parser.parse_args()
@@ -53,7 +59,8 @@ def main() -> None:
     heldout = write_synthetic_dataset(work / "heldout", 16, size=size, n_nuclei=(10, 20), num_classes=3, seed=1000)
     start_machine = machine()
     results, seconds = {}, {}
-    for k_train in (0, 1):
+    overrides = {"prompt_dim": 128, "decoder_mlp_dim": 512, "decoder_heads": 4, "patch_size": args.stride}
+    for k_train in args.k_train:
         run = work / f"train_k{k_train}"
         t0 = time.perf_counter()
         bundle("training", "--config_file", "configs/train.json", "--stage", "both", "--dataset_dir", str(train),
@@ -61,25 +68,27 @@ def main() -> None:
                "--num_neg_prompts", str(k_train), "--prompter#max_epochs", "1", "--prompter#fpn_channels", "64",
                "--prompter#mlp_hidden", "64", "--segmentor#sam_variant", "conv_small",
                "--segmentor#max_epochs", str(args.epochs), "--segmentor#lr", "0.001",
-               "--segmentor#overrides", "{'prompt_dim': 128, 'decoder_mlp_dim': 512, 'decoder_heads': 4}",
+               "--segmentor#overrides", repr(overrides),
                "--segmentor#num_prompts_per_image", "16", "--segmentor#batch_size", "8",
                "--segmentor#mask_loss", "bce", "--segmentor#mask_reduction", "balanced",
                "--segmentor#focal_weight", "1.0", "--val_interval", "10")
         seconds[k_train] = time.perf_counter() - t0
         model = export_model(run / "prompter" / "last.pt", run / "segmentor" / "last.pt", run / "model.pt")
-        for k_test in (0, 1):
+        for k_test in args.k_test:
             out = work / f"eval_train{k_train}_test{k_test}"
             bundle("evaluating", "--config_file", "configs/evaluate.json", "--dataset_dir", str(heldout),
                    "--model_path", str(model), "--prompts", "oracle", "--pipeline#num_neg", str(k_test),
                    "--output_dir", str(out))
             results[(k_train, k_test)] = json.loads((out / "metrics.json").read_text())
+    command = " ".join(["python benchmarks/ablation_negative_prompts.py", *sys.argv[1:]])
     lines = [
         "# Negative prompts: K in training and in testing (oracle prompts)",
         "",
-        f"Command: `python benchmarks/ablation_negative_prompts.py --epochs {args.epochs} --size {args.size}`.",
+        f"Command: `{command}`.",
         f"Machine: {start_machine} (start); {machine()} (end).",
         f"Data: synthetic H&E ({args.size} px, 64 training / 16 held-out images, 10-20 touching and overlapping",
-        "nuclei each, `scripts/synthetic.py`). Segmentor `conv_small` (128-d mask decoder) trained from scratch for "
+        "nuclei each, `scripts/synthetic.py`). Segmentor `conv_small` (128-d mask decoder, token stride "
+        f"{args.stride} px) trained from scratch for "
         f"{args.epochs} epochs (balanced BCE + dice + IoU MSE, lr 1e-3, same seed); tested with one ground-truth",
         "point per nucleus and its K nearest other points as negatives (paper Table 7, \"GT\" columns).",
         "",

@@ -196,3 +196,45 @@ def test_bundle_evaluate_command(dataset: Path, predictions: Path, tmp_path: Pat
     assert proc.returncode != 0
     assert "no prediction for image 'b'" in proc.stderr and "b.mat" in proc.stderr
     assert not (tmp_path / "out2" / "metrics.json").exists()
+
+
+def test_list_dataset_subsets_and_scale(shared_data: Path) -> None:
+    """``--subset val`` gives the images a training with the same split held out; ``--scale`` resamples."""
+    from scripts.data import train_val_items
+    from scripts.scoring import list_dataset
+
+    folders = [str(shared_data / "consep_train"), str(shared_data / "monuseg_train")]
+    val = list_dataset(folders, "auto", "val", 0.2, 0)
+    assert [it.name for it in val] == [it.name for it in train_val_items(folders, "auto", None, 0.2, 0)[1]]
+    assert len(list_dataset(folders, "auto", "train", 0.2, 0)) + len(val) == len(list_dataset(folders)) == 445
+    monuseg = [it for it in val if it.name.startswith("TCGA")][0]
+    half = [it for it in list_dataset(folders, "auto", "val", 0.2, 0, scale=0.5) if it.name == monuseg.name][0]
+    full, small = monuseg.load(), half.load()
+    assert small.image.shape == (500, 500, 3) and small.image.dtype == np.uint8 and small.inst_map.shape == (500, 500)
+    kept = set(np.unique(small.inst_map)) - {0}
+    assert kept <= set(np.unique(full.inst_map)) and len(kept) > 0.95 * (len(np.unique(full.inst_map)) - 1)
+    with pytest.raises(ValueError, match="subset"):
+        list_dataset(folders, "auto", "test")
+    with pytest.raises(ValueError, match="dataset_dir is not set"):
+        list_dataset("")
+
+
+def test_watershed_baseline_finds_separated_and_touching_disks() -> None:
+    from scripts.baseline import BaselinePredictions, watershed_baseline
+
+    rows, cols = np.mgrid[:96, :96]
+    image = np.full((96, 96, 3), (235, 200, 225), np.uint8)  # eosin-pink background
+    centres = [(20, 20), (70, 25), (48, 70), (60, 70)]  # the last two touch
+    truth = np.zeros((96, 96), np.int32)
+    for k, (y, x) in enumerate(centres, 1):
+        disk = (rows - y) ** 2 + (cols - x) ** 2 <= 8**2
+        image[disk] = (70, 50, 140)  # haematoxylin blue-purple
+        truth[disk & (truth == 0)] = k
+    inst = watershed_baseline(image)
+    assert inst.dtype == np.int32 and inst.max() == 4  # the touching pair is split
+    assert score_image(truth, inst).pq > 0.8
+    assert watershed_baseline(np.full((32, 32, 3), 255, np.uint8)).max() == 0  # blank: no nuclei
+    record = NucleusRecord(name="t", image=image, inst_map=truth)
+    assert BaselinePredictions().predict(record)[1] is None
+    with pytest.raises(ValueError, match="RGB"):
+        watershed_baseline(np.zeros((8, 8)))

@@ -57,10 +57,18 @@ def oracle_prompts(record: NucleusRecord) -> dict[str, torch.Tensor]:
 
 
 def make_prediction_source(pred_dir: str | None, prompts: str, model_path: str, device: Any = "cpu",
-                           save_dir: str | None = None, pipeline_kwargs: dict | None = None) -> Any:
-    """Saved predictions when ``pred_dir`` is given, else the model loaded from ``model_path`` (only then)."""
+                           save_dir: str | None = None, pipeline_kwargs: dict | None = None,
+                           method: str = "promptnucseg") -> Any:
+    """Saved predictions when ``pred_dir`` is given; else ``method``: ``promptnucseg``, the model loaded from
+    ``model_path`` (only then), or ``watershed``, the training-free baseline (:mod:`scripts.baseline`)."""
     if pred_dir:
         return PredictionDir(pred_dir)
+    if method == "watershed":
+        from scripts.baseline import BaselinePredictions
+
+        return BaselinePredictions()
+    if method != "promptnucseg":
+        raise ValueError(f"method must be 'promptnucseg' or 'watershed', got {method!r}")
     from scripts.export import load_model
 
     network = load_model(model_path, device=device, **(pipeline_kwargs or {}))

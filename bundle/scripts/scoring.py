@@ -9,16 +9,20 @@ Figures are those of :func:`scripts.metrics.summarize_scores`; undefined values 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol
 
 import numpy as np
 import scipy.io
 from monai.apps.utils import get_logger
+from skimage.transform import resize
 
 from scripts.nucleus_metrics import NucleusMetric
 from scripts.readers.common import as_label_map, read_label_map
@@ -130,16 +134,55 @@ class PredictionDir:
 
 
 # ----------------------------------------------------------------------------------------------- scoring
-def list_dataset(dataset_dir: str | Path, dataset_format: str = "auto") -> list[DatasetItem]:
-    """The items of a dataset (``scripts.readers.list_items``); errors name the parameter when unset or empty."""
+def list_dataset(
+    dataset_dir: str | Path | Sequence[str | Path],
+    dataset_format: str = "auto",
+    subset: str = "all",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    scale: float = 1.0,
+) -> list[DatasetItem]:
+    """The items of a dataset (``scripts.readers.list_items``); errors name the parameter when unset or empty.
+
+    Args:
+        dataset_dir: a dataset folder or a list of folders.
+        subset: ``all``, or ``val`` / ``train``: the images a training with the same ``val_fraction`` and ``seed``
+            held out / trained on (``scripts.data.train_val_items``, each folder split on its own).
+        scale: resample images and labels by this factor (0.5: 40x data seen as 20x); images bilinear with
+            anti-aliasing, label maps nearest-neighbour.
+    """
+    from scripts.data import train_val_items
     from scripts.readers import list_items
 
-    if not str(dataset_dir):
+    if not str(dataset_dir) or (not isinstance(dataset_dir, (str, Path)) and not dataset_dir):
         raise ValueError("dataset_dir is not set (pass --dataset_dir <dataset folder>)")
-    items = list_items(dataset_dir, dataset_format)
+    if subset not in ("all", "train", "val"):
+        raise ValueError(f"subset must be 'all', 'train' or 'val', got {subset!r}")
+    if subset == "all":
+        dirs = [dataset_dir] if isinstance(dataset_dir, (str, Path)) else list(dataset_dir)
+        items = [it for d in dirs for it in list_items(d, dataset_format)]
+    else:
+        train, val = train_val_items(dataset_dir, dataset_format, None, val_fraction, seed)
+        items = val if subset == "val" else train
     if not items:
         raise ValueError(f"no images found in dataset_dir {dataset_dir} (format {dataset_format})")
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    if scale != 1.0:
+        items = [dataclasses.replace(it, loader=functools.partial(_rescaled, it.loader, scale)) for it in items]
     return items
+
+
+def _rescaled(loader: Callable[[], NucleusRecord], scale: float) -> NucleusRecord:
+    """The record of ``loader`` resampled by ``scale`` (see :func:`list_dataset`)."""
+    record = loader()
+    shape = tuple(max(1, round(n * scale)) for n in record.inst_map.shape)
+    image = resize(record.image, shape, order=1, anti_aliasing=scale < 1, preserve_range=True)
+    labels = {
+        key: None if value is None else resize(value, shape, order=0, anti_aliasing=False, preserve_range=True).astype(value.dtype)
+        for key, value in (("inst_map", record.inst_map), ("type_map", record.type_map))
+    }
+    return dataclasses.replace(record, image=np.clip(np.rint(image), 0, 255).astype(np.uint8), **labels)
 
 
 def score_dataset(
