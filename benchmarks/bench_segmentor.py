@@ -5,6 +5,10 @@ one tile (Z = 1, 40, 150; one positive + one negative point each, masks upsample
 warm-up. Prints the machine and writes a markdown table to ``docs/benchmarks/segmentor.md``.
 
 Usage (from the repository root): ``.venv/bin/python benchmarks/bench_segmentor.py [--threads 2] [--variants vit_tiny vit_b]``
+
+A variant may carry ``SegmentorSpec`` overrides: ``conv_small:prompt_dim=128,decoder_mlp_dim=512,decoder_heads=4``
+(the default model's 128-d decoder), ``conv_small:patch_size=8`` (stride-8 tokens), ``vit_b:window_size=16``
+(a window that divides the 16x16 grid instead of SAM's 14, which pads it to 28x28).
 (on a shared machine, ``nice -n -10`` in front gives the benchmark the cores over nice-0 neighbours).
 """
 
@@ -39,9 +43,17 @@ def timed(fn, warmup: int, repeats: int) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``"name:key=value,key=value"`` -> (name, overrides with int values)."""
+    name, _, rest = spec.partition(":")
+    overrides = {k: int(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
+    return name, overrides
+
+
 def bench_variant(variant: str, image_size: int, prompts: list[int], repeats: int) -> dict:
     torch.manual_seed(0)
-    model = build_segmentor(variant, image_size).eval()
+    name, overrides = parse_variant(variant)
+    model = build_segmentor(name, image_size, **overrides).eval()
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     row = {
         "variant": variant,

@@ -1,0 +1,143 @@
+"""Quality of a model on held-out real H&E, next to the training-free baseline and the paper's figures.
+
+Every figure comes from the bundle's own ``evaluating`` command (``configs/evaluate.json``, the same metric code
+for every method), on the images the default training held out (``--subset val``: the split of
+``configs/train_default.json``, each dataset folder split on its own, ``val_fraction`` 0.2, seed 0):
+
+- MoNuSeg held-out images at 40x (their native 0.25 µm/px) and resampled to 20x (``--scale 0.5``: a
+  magnification the model was not trained at);
+- CoNSeP held-out 256 px tiles (typed: mPQ and per-class PQ too).
+
+Methods: PromptNucSeg (the model, automatic prompts), the same segmentor prompted by the ground-truth points
+(``--prompts oracle``: the segmentor's ceiling, paper Table 7 "GT"), and the watershed baseline
+(``--method watershed``, ``scripts/baseline.py``). Writes ``docs/results/quality.md``.
+
+    .venv/bin/python benchmarks/quality.py [--model bundle/models/model.pt] [--work /tmp/quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLE = REPO / "bundle"
+SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_name  # noqa: E402
+
+SETS = {
+    "MoNuSeg held-out, 40x": {"folder": "monuseg_train", "scale": 1.0},
+    "MoNuSeg held-out, 20x": {"folder": "monuseg_train", "scale": 0.5},
+    "CoNSeP held-out tiles, 40x": {"folder": "consep_train", "scale": 1.0},
+}
+METHODS = {
+    "PromptNucSeg (this model)": ["--method", "promptnucseg", "--prompts", "prompter"],
+    "segmentor with ground-truth prompts": ["--method", "promptnucseg", "--prompts", "oracle"],
+    "watershed baseline (no training)": ["--method", "watershed"],
+}
+PAPER = [  # Table 4 (Kumar) of the paper, SAM ViT-B/H trained on GPU with the official 16/14 image split
+    ("paper: PromptNucSeg-B, Kumar test", {"aji": 0.614, "dq": 0.802, "sq": 0.773, "pq": 0.622}),
+    ("paper: PromptNucSeg-H, Kumar test", {"aji": 0.622, "dq": 0.803, "sq": 0.779, "pq": 0.627}),
+    ("paper: HoVer-Net, Kumar test", {"aji": 0.618, "dq": 0.770, "sq": 0.773, "pq": 0.597}),
+    ("paper: PromptNucSeg-B, CPM-17 test", {"aji": 0.731, "dq": 0.892, "sq": 0.813, "pq": 0.726}),
+]
+COLUMNS = ["pq", "dq", "sq", "aji", "aji_plus", "f1_det"]
+
+
+def evaluate(folder: str, scale: float, method_args: list[str], model: Path, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", "configs/evaluate.json",
+           "--dataset_dir", str(SHARED_DATA / folder), "--subset", "val", "--scale", str(scale),
+           "--model_path", str(model), "--output_dir", str(out), *method_args]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.run(cmd, cwd=BUNDLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def markdown(results: dict, model: Path, command: str) -> str:
+    lines = [
+        "## Quality on held-out real H&E",
+        "",
+        f"Command: `{command}` ({datetime.now():%Y-%m-%d %H:%M}, {cpu_name()}). Model: `{model.name}`.",
+        "Images the training never saw: the default training's validation split (MoNuSeg: 3 of the 13 shared",
+        "images; CoNSeP: 5 of its 27 images = 80 tiles), scored by `configs/evaluate.json` (definitions in",
+        "[metrics.md](metrics.md)). The 20x rows resample the same MoNuSeg images to half size.",
+        "",
+        "| data | method | PQ | DQ | SQ | AJI | AJI+ | F1 det. | nuclei (true / predicted) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for set_name, by_method in results.items():
+        for method, m in by_method.items():
+            cells = " | ".join(fmt(m.get(c)) for c in COLUMNS)
+            lines.append(f"| {set_name} | {method} | {cells} | {m.get('n_true', '–')} / {m.get('n_pred', '–')} |")
+    for name, m in PAPER:
+        lines.append(f"| {name} | (published) | {fmt(m['pq'])} | {fmt(m['dq'])} | {fmt(m['sq'])} | {fmt(m['aji'])} "
+                     "| – | – | – |")
+    typed = results.get("CoNSeP held-out tiles, 40x", {})
+    if typed:
+        lines += ["", "CoNSeP classes (held-out tiles): multi-class PQ and per-class PQ.", "",
+                  "| method | mPQ | " + " | ".join(_class_names(typed)) + " |",
+                  "|---|---|" + "---|" * len(_class_names(typed))]
+        for method, m in typed.items():
+            per_class = m.get("pq_per_class") or {}
+            if not per_class:
+                continue
+            lines.append(f"| {method} | {fmt(m.get('mpq'))} | "
+                         + " | ".join(fmt(per_class.get(n)) for n in _class_names(typed)) + " |")
+    lines += [
+        "",
+        "The paper's rows are its published test figures (SAM ViT-B/H pretrained, GPU training, the official",
+        "Kumar/CPM-17 splits); they are not the same images as the held-out ones above and are shown for scale.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _class_names(by_method: dict) -> list[str]:
+    for m in by_method.values():
+        if m.get("pq_per_class"):
+            return list(m["pq_per_class"])
+    return []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(BUNDLE / "models" / "model.pt"))
+    parser.add_argument("--work", default="/tmp/quality")
+    parser.add_argument("--output", default=str(REPO / "docs" / "results" / "quality.md"))
+    args = parser.parse_args()
+    model = Path(args.model).resolve()
+    if not model.is_file():
+        raise SystemExit(f"model file not found: {model}")
+    if not SHARED_DATA.is_dir():
+        raise SystemExit(f"the shared data is needed: {SHARED_DATA}")
+    results: dict[str, dict] = {}
+    for set_name, spec in SETS.items():
+        results[set_name] = {}
+        for method, method_args in METHODS.items():
+            out = Path(args.work) / f"{spec['folder']}_{spec['scale']}_{method_args[1]}_{method_args[-1]}"
+            results[set_name][method] = evaluate(spec["folder"], spec["scale"], method_args, model, out)
+            m = results[set_name][method]
+            print(f"{set_name} | {method}: pq {fmt(m.get('pq'))} aji {fmt(m.get('aji'))}", flush=True)
+    command = " ".join(["python benchmarks/quality.py", *sys.argv[1:]])
+    text = markdown(results, model, command)
+    print(text)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(text)
+    print(f"written: {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Speed on this CPU: PromptNucSeg next to MONAI's HoVer-Net, the floating-point bound, and how time grows.
+
+1. Per 256 px tile, on the same real H&E tiles (CoNSeP tiles held out by the default training's split; MoNuSeg
+   crops without the shared data), in one process, alternating tile by tile:
+   - PromptNucSeg end to end (``PromptNucSeg.forward``: prompter, prompt decoding + NMS, image encoder, mask
+     decoder batched over the tile's prompts, stitching) and each stage;
+   - ``monai.networks.nets.HoVerNet`` (fast mode, 4 CoNSeP classes, batch 1; weights random: its time does not
+     depend on them) plus MONAI's ``HoVerNetInstanceMapPostProcessingd`` and ``HoVerNetNuclearTypePostProcessingd``
+     run on the tile's ground truth turned into HoVer-Net outputs (``ComputeHoVerMaps``), so that the watershed
+     sees real nuclei. Fast mode outputs only the central 164 px of its 256 px input, so a slide needs 2.4x more
+     HoVer-Net tiles than 256 px tiles; the table reports time per input tile and per output megapixel.
+2. The floating-point bound: FLOPs of each stage (``torch.utils.flop_counter.FlopCounterMode``) divided by this
+   machine's dense fp32 matmul rate (best of 2048 x 2048 ``torch.mm``).
+3. Growth: mask-decoder and tile time against the number of prompts in a tile (10-150, points from the tile's
+   ground truth, then random points), and end-to-end time against image size (256-4096 px H&E mosaics).
+
+The model is ``bundle/models/model.pt`` (``--model`` for another, ``--random`` for the default architecture with
+random weights calibrated to about 40 prompts per tile). Writes ``docs/results/speed.md`` and two plots.
+
+    .venv/bin/python benchmarks/speed_vs_hovernet.py [--tiles 16] [--threads 2] [--max_size 4096] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLE = REPO / "bundle"
+SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(BUNDLE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_pipeline import Stopwatch, he_crops, instrumented, machine, random_model_file, slide_mosaic  # noqa: E402
+from scripts.export import load_model  # noqa: E402
+from scripts.inference import image_tensor  # noqa: E402
+from scripts.records import NucleusRecord  # noqa: E402
+
+TILE = 256
+HOVERNET_OUT = 164  # fast mode: central 164 px of a 256 px input
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def eval_tiles(count: int) -> tuple[list[NucleusRecord], str]:
+    """``count`` 256 px H&E tiles with ground truth: held-out CoNSeP tiles, else MoNuSeg-free synthetic tiles."""
+    consep = SHARED_DATA / "consep_train"
+    if consep.is_dir():
+        from scripts.scoring import list_dataset
+
+        items = list_dataset([str(consep), str(SHARED_DATA / "monuseg_train")], "auto", "val", 0.2, 0)
+        tiles = [it.load() for it in items if not it.name.startswith("TCGA")]
+        step = max(1, len(tiles) // count)
+        chosen = tiles[::step][:count]
+        return chosen, f"{len(chosen)} CoNSeP 256 px tiles held out by the default training's split (every {step}th)"
+    from scripts.synthetic import make_synthetic_record
+
+    records = [make_synthetic_record((TILE, TILE), n_nuclei=40, num_classes=4, seed=k) for k in range(count)]
+    return records, f"{count} synthetic 256 px tiles (no shared data)"
+
+
+def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """Best dense fp32 matmul rate of this machine, GFLOP/s (``torch.mm`` of two size x size matrices)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def flops(fn) -> float:
+    """Floating-point operations of ``fn()`` (multiply-add = 2), counted by PyTorch."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------------- HoVer-Net
+class HoverNetRunner:
+    """MONAI HoVer-Net, fast mode, and its instance / type post-processing."""
+
+    def __init__(self) -> None:
+        from monai.apps.pathology.transforms.post.dictionary import (
+            HoVerNetInstanceMapPostProcessingd,
+            HoVerNetNuclearTypePostProcessingd,
+        )
+        from monai.networks.nets import HoVerNet
+
+        torch.manual_seed(0)
+        self.network = HoVerNet(mode="fast", in_channels=3, out_classes=5).eval()
+        self.instances = HoVerNetInstanceMapPostProcessingd(activation="softmax")
+        self.types = HoVerNetNuclearTypePostProcessingd(activation="softmax")
+
+    @torch.no_grad()
+    def forward(self, image: np.ndarray) -> dict:
+        return self.network(torch.from_numpy(image.transpose(2, 0, 1).copy()).float()[None] / 255.0)
+
+    @staticmethod
+    def outputs_from_truth(record: NucleusRecord) -> dict:
+        """HoVer-Net-shaped outputs (C, 164, 164) made from the tile's central ground truth (confident logits)."""
+        from monai.transforms import ComputeHoVerMaps
+
+        margin = (TILE - HOVERNET_OUT) // 2
+        inst = record.inst_map[margin : margin + HOVERNET_OUT, margin : margin + HOVERNET_OUT]
+        types = record.type_map if record.type_map is not None else (record.inst_map > 0).astype(np.int32)
+        types = types[margin : margin + HOVERNET_OUT, margin : margin + HOVERNET_OUT]
+        fg = torch.from_numpy((inst > 0).astype(np.float32))
+        nuclear = torch.stack([1 - fg, fg]) * 8.0
+        type_logits = torch.nn.functional.one_hot(torch.from_numpy(types.astype(np.int64)).clamp(0, 4), 5)
+        return {
+            "nucleus_prediction": nuclear,
+            "horizontal_vertical": torch.as_tensor(ComputeHoVerMaps()(inst[None].astype(np.int64))),
+            "type_prediction": type_logits.permute(2, 0, 1).float() * 8.0,
+        }
+
+    def postprocess(self, outputs: dict) -> dict:
+        return self.types(self.instances(dict(outputs)))
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+def time_tiles(network, hovernet: HoverNetRunner, tiles: list[NucleusRecord]) -> dict:
+    """Per tile seconds of each stage of both methods, alternating tile by tile (after one warm-up of each)."""
+    network(image_tensor(tiles[0].image))
+    hovernet.forward(tiles[0].image)
+    ours: list[Stopwatch] = []
+    theirs: dict[str, list[float]] = {"network": [], "post-processing": []}
+    prompts: list[int] = []
+    for record in tiles:
+        watch = Stopwatch()
+        tensor = image_tensor(record.image)
+        with instrumented(network, watch), watch.section("total"):
+            result = network(tensor)
+        ours.append(watch)
+        prompts.append(int(len(result["classes"])))
+        theirs["network"].append(_seconds(lambda: hovernet.forward(record.image)))
+        outputs = hovernet.outputs_from_truth(record)
+        theirs["post-processing"].append(_seconds(lambda: hovernet.postprocess(outputs)))
+    stages = ["prompter network", "prompt decoding + NMS", "encoder", "decoder", "stitching", "total"]
+    return {
+        "ours": {s: statistics.median(w.seconds[s] for w in ours) for s in stages},
+        "ours_mean_total": statistics.mean(w.seconds["total"] for w in ours),
+        "hovernet": {k: statistics.median(v) for k, v in theirs.items()},
+        "hovernet_mean_total": statistics.mean(a + b for a, b in zip(*theirs.values())),
+        "nuclei_median": statistics.median(prompts),
+    }
+
+
+@torch.no_grad()
+def stage_flops(network, hovernet: HoverNetRunner, record: NucleusRecord, prompts: int) -> dict:
+    """FLOPs per 256 px tile: prompter, encoder, decoder at ``prompts`` prompts (with 1 negative each), HoVer-Net."""
+    tensor = image_tensor(record.image)[None]
+    embedding = network.segmentor.encode(tensor)
+    points = torch.rand(prompts, 2, 2) * TILE
+    labels = torch.tensor([[1, 0]]).expand(prompts, 2)
+    return {
+        "prompter": flops(lambda: network.prompter(tensor)),
+        "encoder": flops(lambda: network.segmentor.encode(tensor)),
+        "decoder": flops(lambda: _decode(network, embedding, points, labels)),
+        "hovernet": flops(lambda: hovernet.forward(record.image)),
+    }
+
+
+def _decode(network, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor):
+    return network.segmentor.decode(embedding, points, labels)
+
+
+@torch.no_grad()
+def decoder_scaling(network, record: NucleusRecord, counts: list[int], repeats: int = 3) -> list[dict]:
+    """Mask-decoder seconds for ``counts`` prompts on one tile (one positive + one negative point each)."""
+    embedding = network.segmentor.encode(image_tensor(record.image)[None])
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for n in counts:
+        points = torch.rand(n, 2, 2, generator=generator) * TILE
+        labels = torch.tensor([[1, 0]]).expand(n, 2)
+        _decode(network, embedding, points, labels)
+        seconds = min(_seconds(lambda: _decode(network, embedding, points, labels)) for _ in range(repeats))
+        rows.append({"prompts": n, "decoder_s": seconds})
+    return rows
+
+
+@torch.no_grad()
+def size_scaling(network, sizes: list[int]) -> list[dict]:
+    """End-to-end seconds of the pipeline on H&E images of each size (crops or mosaics of MoNuSeg images)."""
+    rows = []
+    for size in sizes:
+        image = he_crops(size, 1, seed=size)[0] if size <= 1000 else slide_mosaic(size, block=512, tissue=1.0, holes=0.0)
+        tensor = image_tensor(image)
+        start = time.perf_counter()
+        result = network(tensor)
+        rows.append({"size": size, "seconds": time.perf_counter() - start, "nuclei": int(len(result["classes"]))})
+        print(f"  {size} px: {rows[-1]['seconds']:.2f} s, {rows[-1]['nuclei']} nuclei", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- report
+def plots(decoder_rows: list[dict], size_rows: list[dict], tile_total: float, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot([r["prompts"] for r in decoder_rows], [1000 * r["decoder_s"] for r in decoder_rows], "o-")
+    ax.set_xlabel("prompts (nuclei) in a 256 px tile")
+    ax.set_ylabel("mask decoder, ms per tile")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "speed_vs_nuclei.png", dpi=110)
+    names.append("speed_vs_nuclei.png")
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    mpx = [r["size"] ** 2 / 1e6 for r in size_rows]
+    ax.loglog(mpx, [r["seconds"] for r in size_rows], "o-", label="measured")
+    ax.loglog(mpx, [tile_total * m * 1e6 / TILE**2 for m in mpx], "--", label="tile time x area")
+    ax.set_xlabel("image size, megapixels")
+    ax.set_ylabel("seconds end to end")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out_dir / "speed_vs_size.png", dpi=110)
+    names.append("speed_vs_size.png")
+    plt.close("all")
+    return names
+
+
+def markdown(info: dict, model_note: str, tiles_note: str, t: dict, fl: dict, rate: float, dec: list[dict],
+             sizes: list[dict], pictures: list[str], command: str) -> str:
+    ours, hv = t["ours"], t["hovernet"]
+    hv_total = hv["network"] + hv["post-processing"]
+    speedup = hv_total / ours["total"]
+    out_mpx_ours = TILE**2 / 1e6
+    out_mpx_hv = HOVERNET_OUT**2 / 1e6
+    lines = [
+        "## Speed on this CPU",
+        "",
+        f"Command: `{command}` ({info['date']}).",
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}; "
+        f"load average {info['load_start'][0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
+        f"Model: {model_note}. Tiles: {tiles_note}; median {t['nuclei_median']:.0f} nuclei found per tile.",
+        "",
+        f"**PromptNucSeg is {speedup:.1f}x faster than MONAI's HoVer-Net per 256 px tile** (medians, same process, "
+        "same tiles, alternating), and "
+        f"{(hv_total / out_mpx_hv) / (ours['total'] / out_mpx_ours):.1f}x per output megapixel.",
+        "",
+        "| method / stage | s per 256 px tile (median) | GFLOP | bound at the matmul rate (s) |",
+        "|---|---|---|---|",
+        f"| PromptNucSeg, end to end | {ours['total']:.3f} | {(fl['prompter'] + fl['encoder'] + fl['decoder']) / 1e9:.1f} "
+        f"| {(fl['prompter'] + fl['encoder'] + fl['decoder']) / 1e9 / rate:.3f} |",
+        f"| &nbsp; prompter network | {ours['prompter network']:.3f} | {fl['prompter'] / 1e9:.1f} | {fl['prompter'] / 1e9 / rate:.3f} |",
+        f"| &nbsp; prompt decoding + NMS | {ours['prompt decoding + NMS']:.3f} | – | – |",
+        f"| &nbsp; segmentor image encoder | {ours['encoder']:.3f} | {fl['encoder'] / 1e9:.1f} | {fl['encoder'] / 1e9 / rate:.3f} |",
+        f"| &nbsp; mask decoder ({t['nuclei_median']:.0f} prompts) | {ours['decoder']:.3f} | {fl['decoder'] / 1e9:.1f} | "
+        f"{fl['decoder'] / 1e9 / rate:.3f} |",
+        f"| &nbsp; stitching | {ours['stitching']:.3f} | – | – |",
+        f"| HoVer-Net (fast), end to end | {hv_total:.3f} | {fl['hovernet'] / 1e9:.1f} | {fl['hovernet'] / 1e9 / rate:.3f} |",
+        f"| &nbsp; network | {hv['network']:.3f} | {fl['hovernet'] / 1e9:.1f} | {fl['hovernet'] / 1e9 / rate:.3f} |",
+        f"| &nbsp; post-processing (MONAI) | {hv['post-processing']:.3f} | – | – |",
+        "",
+        f"Dense fp32 matmul rate measured here: {rate:.0f} GFLOP/s (2048 x 2048 `torch.mm`, best of 5). Means: "
+        f"PromptNucSeg {t['ours_mean_total']:.3f} s, HoVer-Net {t['hovernet_mean_total']:.3f} s per tile. The decoder's "
+        "FLOPs are counted at the median prompt count with one negative point per prompt.",
+        "",
+        "### Time against nuclei per tile",
+        "",
+        "| prompts in the tile | mask decoder (s) |",
+        "|---|---|",
+        *[f"| {r['prompts']} | {r['decoder_s']:.3f} |" for r in dec],
+        "",
+        f"![decoder time against nuclei](results/{pictures[0]})",
+        "",
+        "### Time against image size",
+        "",
+        "| image (px) | end to end (s) | nuclei | s per 256 px of area |",
+        "|---|---|---|---|",
+        *[f"| {r['size']} x {r['size']} | {r['seconds']:.2f} | {r['nuclei']} | {r['seconds'] / (r['size'] ** 2 / TILE**2):.3f} |"
+          for r in sizes],
+        "",
+        f"![end-to-end time against image size](results/{pictures[1]})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(BUNDLE / "models" / "model.pt"))
+    parser.add_argument("--random", action="store_true", help="random weights of the default architecture")
+    parser.add_argument("--tiles", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max_size", type=int, default=4096)
+    parser.add_argument("--quick", action="store_true", help="4 tiles, sizes up to 1024 (smoke run)")
+    parser.add_argument("--output", default=str(REPO / "docs" / "results" / "speed.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    info = {**machine(args.threads), "date": datetime.now().strftime("%Y-%m-%d %H:%M")}
+    tiles, tiles_note = eval_tiles(4 if args.quick else args.tiles)
+    if args.random:
+        model_path = random_model_file(Path(tempfile.mkdtemp()) / "model.pt", he_crops(1000, 1)[0], variant="conv_small")
+        model_note = "default architecture, random weights (prompter calibrated to ~40 prompts per tile)"
+    else:
+        model_path = Path(args.model)
+        if not model_path.is_file():
+            raise SystemExit(f"model file not found: {model_path} (train and export one, or pass --random)")
+        model_note = f"`{model_path.relative_to(REPO) if model_path.is_relative_to(REPO) else model_path}`"
+    network = load_model(model_path, "cpu")
+    hovernet = HoverNetRunner()
+    print(f"machine: {info}", flush=True)
+    timing = time_tiles(network, hovernet, tiles)
+    print(f"per tile: ours {timing['ours']}, HoVer-Net {timing['hovernet']}", flush=True)
+    rate = matmul_gflops(args.threads)
+    fl = stage_flops(network, hovernet, tiles[0], int(round(timing["nuclei_median"])) or 1)
+    dec = decoder_scaling(network, tiles[0], [10, 20, 40, 80, 150])
+    sizes = [s for s in (256, 512, 1024, 2048, 4096) if s <= (1024 if args.quick else args.max_size)]
+    size_rows = size_scaling(network, sizes)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pictures = plots(dec, size_rows, timing["ours"]["total"], out.parent)  # linked from docs/results.md
+    command = " ".join(["python benchmarks/speed_vs_hovernet.py", *sys.argv[1:]])
+    text = markdown(info, model_note, tiles_note, timing, fl, rate, dec, size_rows, pictures, command)
+    print(text)
+    out.write_text(text)
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
