@@ -225,7 +225,7 @@ def instrumented(network, watch: Stopwatch) -> Iterator[None]:
     import scripts.pipeline as pipeline
 
     patches = [(network.prompter, "forward", "prompter network"), (network.segmentor, "encode", "encoder"),
-               (network.segmentor, "decode", "decoder"), (network, "_paint", "stitching"),
+               (network.segmentor, "decode_windows", "decoder"), (network, "_paint", "stitching"),
                (network, "_relabel", "stitching")]
     module_patches = [("decode_prompts", "prompt decoding + NMS"), ("point_nms", "prompt decoding + NMS")]
     originals = {name: getattr(pipeline, name) for name, _ in module_patches}

@@ -37,3 +37,16 @@ def test_negative_prompts_use_extra_pool_but_only_points_get_rows():
     assert coords[0, 1].tolist() == [12.0, 10.0]  # the extra point is the nearest negative of the first
     coords, labels = negative_prompts(points[:1], None, 2)
     assert labels.tolist() == [[1, -1, -1]]
+
+
+def test_window_origins_centre_each_point_and_stay_inside():
+    from scripts.pipeline import _window_cover, window_origins
+
+    points = torch.tensor([[5.0, 5.0], [200.0, 130.0], [630.0, 10.0]])  # (x, y) px
+    origins = window_origins(points, stride=16, grid=16, tokens=(20, 40))  # 320 x 640 px embedding
+    assert origins.tolist() == [[0, 0], [4, 0], [24, 0]]  # x: 12 - 8 = 4; y clamped to 0; x clamped to 40 - 16
+    origins = window_origins(torch.tensor([[200.0, 200.0]]), 16, 16, (40, 40))
+    assert origins.tolist() == [[4, 4]]  # the point's token (12, 12) is the window's centre token (4 + 8)
+    cover = _window_cover(points, 16, 16, (20, 40))
+    assert cover.shape == (20, 40) and cover[:16, :16].all() and cover[:16, 24:].all() and not cover[16:].any()
+    assert cover.sum() == 16 * (16 + 4 + 16)  # windows at x tokens 0-15, 4-19 (overlap), 24-39

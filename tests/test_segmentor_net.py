@@ -293,3 +293,27 @@ def test_batch_without_any_nucleus_still_back_propagates() -> None:
         out["mask_logits"], out["iou_pred"], torch.zeros(2, 3, 64, 64), valid)["loss"]
     loss.backward()
     assert float(loss) == 0.0
+
+
+def test_decode_windows_equals_decode_on_a_shared_embedding_and_encode_whole():
+    """Each prompt on its own window: with the same window for all, exactly :meth:`Segmentor.decode`; a CNN
+    encoder runs on larger images in one pass, a ViT refuses."""
+    torch.manual_seed(0)
+    conv = build_segmentor("conv_small", image_size=128, prompt_dim=64, decoder_mlp_dim=128, decoder_heads=2).eval()
+    image = torch.rand(1, 3, 128, 128) * 255
+    coords, labels = torch.rand(5, 2, 2) * 127, torch.tensor([[1, 0]] * 5)
+    with torch.no_grad():
+        embedding = conv.encode(image)
+        masks, ious = conv.decode(embedding, coords, labels)
+        w_masks, w_ious = conv.decode_windows(embedding.expand(5, -1, -1, -1), coords, labels)
+        torch.testing.assert_close(w_masks, masks)
+        torch.testing.assert_close(w_ious, ious)
+        torch.testing.assert_close(conv.encode_whole(image), embedding)
+        assert conv.encode_whole(torch.rand(1, 3, 256, 192) * 255).shape == (1, 64, 16, 12)
+        other = conv.decode_windows(torch.cat([embedding, embedding.flip(-1)]).expand(2, -1, -1, -1)[[1]], coords[:1],
+                                    labels[:1])
+        assert not torch.allclose(other[0], masks[:1])  # the window does matter
+    with pytest.raises(ValueError, match="convolutional"):
+        build_segmentor("vit_tiny", image_size=64).encode_whole(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="windows must be"):
+        conv.decode_windows(torch.rand(2, 64, 4, 4), coords[:2], labels[:2])

@@ -49,12 +49,13 @@ class InferenceFailures(RuntimeError):
 @dataclass
 class SlideOptions:
     """Whole-slide settings: the level read (by ``mpp`` µm/px or ``level``), tile size/overlap in that level's
-    px, the tissue mask threshold, the reader backend, and the longest side of the overlay thumbnail (px)."""
+    px (an overlap of twice the segmentor's half window keeps every nucleus centred in its decoding window), the
+    tissue mask threshold, the reader backend, and the longest side of the overlay thumbnail (px)."""
 
     mpp: float | None = None
     level: int | None = None
-    tile_size: int = 1024
-    tile_overlap: int = 128
+    tile_size: int = 2048
+    tile_overlap: int = 256
     min_tissue_fraction: float = 0.05
     backend: str = "tifffile"
     thumbnail_size: int = 2048

@@ -1,10 +1,13 @@
 """PromptNucSeg's automatic pipeline (paper Fig. 1b) as one network: prompter → segmentor → instance map.
 
-Images of any size are processed in square tiles of the segmentor's input size with overlap. A nucleus belongs
-to the tile whose *core* (the tile minus half the overlap on each inner side) holds its prompt point, and is
-decoded in that tile, so it always has at least ``tile_overlap / 2`` px of context around its point: nuclei cut
-by a core border are segmented whole. Overlapping masks are resolved by predicted IoU (higher wins) over the
-whole image, independent of tile order.
+Images of any size: the segmentor's image encoder runs on square tiles of its input size with overlap, and the
+embedding of the whole image is stitched from the tiles' *cores* (the tile minus half the overlap on each inner
+side, aligned to the token grid), so every token was computed with at least ``tile_overlap / 2`` px of context.
+Each prompt is then decoded on the window of that embedding centred on its point (the segmentor's input size,
+moved inside the image at its borders): a nucleus is always seen in the middle of its window, wherever the tile
+borders fall, and the result does not depend on the tiling beyond the encoder's context (the encoder can also
+run on the whole image in one pass, ``whole_image_encoder``, for convolutional encoders). The mask decoder is
+batched over all prompts. Overlapping masks are resolved by predicted IoU (higher wins) over the whole image.
 
 Coordinates: points are (x, y) = (col, row) in pixels of the input image.
 """
@@ -85,9 +88,13 @@ class PromptNucSeg(nn.Module):
         nms_radius: point NMS radius in px.
         score_threshold: optional minimum class score of a prompt.
         min_area: instances with fewer pixels (after overlap resolution) are dropped.
-        tile_overlap: overlap between neighbouring tiles in px (context = half of it at least).
+        tile_overlap: overlap between neighbouring tiles in px (context = half of it at least), of the prompter's
+            tiles and of the segmentor encoder's (there at most half a tile, rounded down to whole token pairs).
         prompter_tile_size: tile size of the prompter in px; None runs it on the whole image at once.
-        chunk_size: prompts per mask-decoder call (bounds memory; all prompts of a tile are batched).
+        chunk_size: prompts per mask-decoder call (bounds memory).
+        encoder_batch: encoder tiles per encoder call.
+        whole_image_encoder: run the segmentor's image encoder on the whole image in one pass instead of tiles
+            (convolutional encoders only; memory grows with the image).
     """
 
     def __init__(
@@ -99,9 +106,11 @@ class PromptNucSeg(nn.Module):
         nms_radius: float = 12,
         score_threshold: float | None = None,
         min_area: int = 10,
-        tile_overlap: int = 64,
+        tile_overlap: int = 128,
         prompter_tile_size: int | None = 1024,
-        chunk_size: int = 256,
+        chunk_size: int = 128,
+        encoder_batch: int = 4,
+        whole_image_encoder: bool = False,
     ) -> None:
         super().__init__()
         self.prompter = prompter
@@ -114,6 +123,8 @@ class PromptNucSeg(nn.Module):
         self.tile_overlap = tile_overlap
         self.prompter_tile_size = prompter_tile_size
         self.chunk_size = chunk_size
+        self.encoder_batch = encoder_batch
+        self.whole_image_encoder = whole_image_encoder
 
     @property
     def tile_size(self) -> int:
@@ -185,7 +196,8 @@ class PromptNucSeg(nn.Module):
 
     def segment(self, image: torch.Tensor, points: torch.Tensor, extra_negatives: torch.Tensor | None = None
                 ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-        """Instance map from point prompts: per tile one encoder pass and batched decoding of its core prompts.
+        """Instance map from point prompts: the stitched image embedding, each prompt decoded on the window centred
+        on it, the mask decoder batched over ``chunk_size`` prompts at a time.
 
         Args:
             image: (3, H, W) float RGB in [0, 255].
@@ -198,41 +210,100 @@ class PromptNucSeg(nn.Module):
             ``inst_map`` (H, W) int32, ``prompt_of_id`` (M,) prompt index of instance id i + 1, ``ious`` (M,).
         """
         height, width = image.shape[-2:]
-        size = self.tile_size
         coords, labels = negative_prompts(points, extra_negatives, self.num_neg)
-        best_score = torch.full((height, width), -torch.inf)
-        owner = torch.zeros((height, width), dtype=torch.int64)  # prompt index + 1
+        best_score = torch.full((height * width,), -torch.inf)
+        owner = torch.zeros(height * width, dtype=torch.int64)  # prompt index + 1
         iou_pred = torch.zeros(len(points))
+        if len(points):
+            grid, stride = self._token_grid()
+            embedding = self.embed(image, points)
+            origins = window_origins(points, stride, grid, embedding.shape[-2:])  # (N, 2) token (x, y)
+            device = self._device(self.segmentor)
+            steps = torch.arange(grid)
+            for start in range(0, len(points), self.chunk_size):
+                part = torch.arange(start, min(start + self.chunk_size, len(points)))
+                ox, oy = origins[part, 0], origins[part, 1]
+                windows = embedding[:, (oy[:, None] + steps)[:, :, None], (ox[:, None] + steps)[:, None, :]]
+                offset_px = (origins[part] * stride).float()
+                local = coords[part] - offset_px[:, None, :]
+                local_labels = _outside_as_padding(local, labels[part], self.tile_size, self.tile_size)
+                logits, ious = self.segmentor.decode_windows(windows.permute(1, 0, 2, 3).to(device),
+                                                             local.to(device), local_labels.to(device))
+                self._paint(logits.cpu(), ious.cpu().float(), part, offset_px.long(), (height, width), best_score, owner)
+                iou_pred[part] = ious.cpu().float()
+        return self._relabel(owner.view(height, width).numpy(), iou_pred)
+
+    def _token_grid(self) -> tuple[int, int]:
+        """(tokens per window side, px per token) of the segmentor."""
+        grid = int(self.segmentor.embedding_size[0])
+        return grid, self.tile_size // grid
+
+    def embed(self, image: torch.Tensor, points: torch.Tensor | None = None) -> torch.Tensor:
+        """Image embedding (C, Hc / stride, Wc / stride) of the image padded with white (glass) right / bottom to
+        a canvas (Hc, Wc): multiples of 32 px, at least the segmentor's input size.
+
+        Tiled (default): the encoder runs on the tiles of the canvas (batches of ``encoder_batch``) whose core
+        is needed by the decoding window of one of ``points`` (all tiles when ``points`` is None) and each tile
+        writes its core's tokens; tokens of unneeded tiles stay 0. ``whole_image_encoder``: one pass on the canvas.
+        """
+        grid, stride = self._token_grid()
+        height, width = image.shape[-2:]
+        multiple = max(2 * stride, 32)
+        canvas_h = max(self.tile_size, -(-height // multiple) * multiple)
+        canvas_w = max(self.tile_size, -(-width // multiple) * multiple)
+        canvas = torch.nn.functional.pad(image.float(), (0, canvas_w - width, 0, canvas_h - height), value=255.0)
         device = self._device(self.segmentor)
-        for tile in tile_grid(height, width, size, min(self.tile_overlap, size // 2)):
-            mine = torch.nonzero(tile.core_holds(points)).flatten()
-            if mine.numel() == 0:
-                continue
-            crop = image[:, tile.y0 : tile.y0 + size, tile.x0 : tile.x0 + size]
-            crop_h, crop_w = crop.shape[-2:]
-            tile_coords = coords[mine] - torch.tensor([tile.x0, tile.y0], dtype=torch.float32)
-            tile_labels = _outside_as_padding(tile_coords, labels[mine], crop_w, crop_h)
-            embedding = self.segmentor.encode(_pad_to(crop, size)[None].to(device))[0]
-            for start in range(0, mine.numel(), self.chunk_size):
-                part = slice(start, start + self.chunk_size)
-                logits, ious = self.segmentor.decode(embedding, tile_coords[part].to(device),
-                                                     tile_labels[part].to(device), input_size=(crop_h, crop_w))
-                self._paint(logits.cpu(), ious.cpu(), mine[part], tile, best_score, owner)
-                iou_pred[mine[part]] = ious.cpu().float()
-        return self._relabel(owner.numpy(), iou_pred)
+        if self.whole_image_encoder:
+            return self.segmentor.encode_whole(canvas[None].to(device))[0].cpu()
+        overlap = self.encoder_overlap(stride)
+        tokens_h, tokens_w = canvas_h // stride, canvas_w // stride
+        needed = None if points is None else _window_cover(points, stride, grid, (tokens_h, tokens_w))
+        jobs = []
+        for tile in tile_grid(canvas_h, canvas_w, self.tile_size, overlap):
+            core = tuple(v // stride for v in (tile.core_y0, tile.core_y1, tile.core_x0, tile.core_x1))
+            if needed is None or needed[core[0] : core[1], core[2] : core[3]].any():
+                jobs.append((tile, core))
+        embedding = None
+        for start in range(0, len(jobs), self.encoder_batch):
+            batch = jobs[start : start + self.encoder_batch]
+            crops = torch.stack([canvas[:, t.y0 : t.y0 + self.tile_size, t.x0 : t.x0 + self.tile_size] for t, _ in batch])
+            encoded = self.segmentor.encode(crops.to(device)).cpu()
+            if embedding is None:
+                embedding = encoded.new_zeros((encoded.shape[1], tokens_h, tokens_w))
+            for (tile, (y0, y1, x0, x1)), tile_embedding in zip(batch, encoded):
+                ty, tx = tile.y0 // stride, tile.x0 // stride
+                embedding[:, y0:y1, x0:x1] = tile_embedding[:, y0 - ty : y1 - ty, x0 - tx : x1 - tx]
+        return embedding
+
+    def encoder_overlap(self, stride: int) -> int:
+        """The encoder tiles' overlap in px: ``tile_overlap`` at most half a tile, in whole pairs of tokens (so
+        that core borders fall on token borders)."""
+        overlap = min(self.tile_overlap, self.tile_size // 2)
+        return overlap - overlap % (2 * stride)
 
     @staticmethod
-    def _paint(logits: torch.Tensor, ious: torch.Tensor, prompt_idx: torch.Tensor, tile: Tile,
-               best_score: torch.Tensor, owner: torch.Tensor) -> None:
-        """Give each pixel of the masks to the prompt with the highest predicted IoU seen so far (vectorised)."""
-        h, w = logits.shape[-2:]
-        scores = torch.where(logits > 0, ious.view(-1, 1, 1).float(), torch.tensor(-torch.inf))
-        top, arg = scores.max(dim=0)  # (h, w)
-        region_score = best_score[tile.y0 : tile.y0 + h, tile.x0 : tile.x0 + w]
-        region_owner = owner[tile.y0 : tile.y0 + h, tile.x0 : tile.x0 + w]
-        wins = top > region_score
-        region_score[wins] = top[wins]
-        region_owner[wins] = prompt_idx[arg[wins]] + 1
+    def _paint(logits: torch.Tensor, ious: torch.Tensor, prompt_idx: torch.Tensor, origins: torch.Tensor,
+               shape: tuple[int, int], best_score: torch.Tensor, owner: torch.Tensor) -> None:
+        """Give each pixel of the masks to the prompt with the highest predicted IoU seen so far (vectorised).
+
+        Args:
+            logits: (Z, S, S) mask logits of the windows; ious: (Z,); prompt_idx: (Z,) prompt indices.
+            origins: (Z, 2) (x, y) px of each window's top-left corner in the image.
+            shape: (H, W) of the image; best_score, owner: flat (H * W,) canvases updated in place.
+        """
+        height, width = shape
+        z, rows, cols = torch.nonzero(logits > 0, as_tuple=True)
+        y, x = rows + origins[z, 1], cols + origins[z, 0]
+        inside = (y < height) & (x < width)
+        z, flat = z[inside], (y * width + x)[inside]
+        score = ious[z]
+        order = torch.argsort(-score, stable=True)  # highest IoU first; equal IoUs: lower prompt index first
+        _, first = np.unique(flat[order].numpy(), return_index=True)
+        winners = order[torch.from_numpy(first)]
+        flat, score, z = flat[winners], score[winners], z[winners]
+        beats = score > best_score[flat]
+        best_score[flat[beats]] = score[beats]
+        owner[flat[beats]] = prompt_idx[z[beats]] + 1
 
     def _relabel(self, owner: np.ndarray, iou_pred: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """Contiguous ids 1..M, dropping instances under ``min_area`` px."""
@@ -261,12 +332,24 @@ def negative_prompts(points: torch.Tensor, extra: torch.Tensor | None, k: int) -
     return torch.from_numpy(coords[:n]), torch.from_numpy(labels[:n])
 
 
-def _pad_to(crop: torch.Tensor, size: int) -> torch.Tensor:
-    """Pad a (3, h, w) crop right/bottom to (3, size, size) with white (glass)."""
-    h, w = crop.shape[-2:]
-    if (h, w) == (size, size):
-        return crop
-    return torch.nn.functional.pad(crop, (0, size - w, 0, size - h), value=255.0)
+def window_origins(points: torch.Tensor, stride: int, grid: int, tokens: tuple[int, int]) -> torch.Tensor:
+    """(N, 2) int64 (x, y) token index of the top-left of each point's decoding window: ``grid`` x ``grid`` tokens
+    centred on the point's token, moved inside the (rows, cols) = ``tokens`` embedding."""
+    token = torch.div(points.float(), stride, rounding_mode="floor").long()
+    limits = torch.tensor([tokens[1] - grid, tokens[0] - grid])
+    return torch.minimum(torch.clamp(token - grid // 2, min=0), limits)
+
+
+def _window_cover(points: torch.Tensor, stride: int, grid: int, tokens: tuple[int, int]) -> np.ndarray:
+    """(rows, cols) bool: the tokens inside at least one point's decoding window (2-D difference array)."""
+    origins = window_origins(points, stride, grid, tokens).numpy()
+    diff = np.zeros((tokens[0] + 1, tokens[1] + 1), np.int64)
+    x0, y0 = origins[:, 0], origins[:, 1]
+    np.add.at(diff, (y0, x0), 1)
+    np.add.at(diff, (y0 + grid, x0), -1)
+    np.add.at(diff, (y0, x0 + grid), -1)
+    np.add.at(diff, (y0 + grid, x0 + grid), 1)
+    return diff.cumsum(0).cumsum(1)[: tokens[0], : tokens[1]] > 0
 
 
 def _outside_as_padding(coords: torch.Tensor, labels: torch.Tensor, width: int, height: int) -> torch.Tensor:

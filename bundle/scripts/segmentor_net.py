@@ -184,6 +184,57 @@ class Segmentor(nn.Module):
         masks = F.interpolate(low, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return masks[:, 0, :H, :W], iou[:, 0]
 
+    def decode_windows(
+        self, windows: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One mask per prompt, each prompt on its own embedding window (inference on images of any size).
+
+        SAM's mask decoder adds ``dense_prompt_embeddings`` to the image embedding repeated per prompt; a zero
+        image embedding plus the windows as dense embeddings gives each prompt its own window (the same result
+        as :meth:`decode` when every window is the same embedding).
+
+        Args:
+            windows: (Z, C, h, w) embedding windows of the encoder's grid (h, w = :attr:`embedding_size`).
+            point_coords: (Z, P, 2) float, (x, y) = (col, row) in px relative to each window's top-left.
+            point_labels: (Z, P) int, 1 positive, 0 negative, -1 padding.
+
+        Returns:
+            mask_logits (Z, image_size, image_size) and iou_pred (Z,).
+        """
+        if windows.ndim != 4 or tuple(windows.shape[-2:]) != self.embedding_size:
+            raise ValueError(f"windows must be (Z, C, {self.embedding_size[0]}, {self.embedding_size[1]}), got {tuple(windows.shape)}")
+        num = windows.shape[0]
+        if num == 0:
+            return windows.new_zeros((0, self.image_size, self.image_size)), windows.new_zeros((0,))
+        sparse, dense = self.prompt_encoder(
+            points=(point_coords.to(windows), point_labels.to(windows.device)), boxes=None, masks=None
+        )
+        low, iou = self.mask_decoder(
+            image_embeddings=windows.new_zeros((1,) + tuple(windows.shape[1:])),
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense + windows,
+            multimask_output=False,
+        )
+        masks = F.interpolate(low, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return masks[:, 0], iou[:, 0]
+
+    def encode_whole(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings of images of any size (multiples of 32 px) in one pass; convolutional encoders only (a ViT
+        encoder is built for its input size).
+
+        Args:
+            images: (B, 3, H, W) float RGB in [0, 255].
+
+        Returns:
+            (B, prompt_dim, H / patch_size, W / patch_size).
+        """
+        if isinstance(self.image_encoder, ImageEncoderViT):
+            raise ValueError("encode_whole needs a convolutional image encoder; a ViT encoder runs on tiles of its input size")
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] % 32 or images.shape[-2] % 32:
+            raise ValueError(f"images must be (B, 3, H, W) with H, W multiples of 32, got {tuple(images.shape)}")
+        return self.image_encoder((images.float() - self.pixel_mean) / self.pixel_std)
+
     @property
     def mask_decoder_scale(self) -> float:
         """Low-res mask pixels per input pixel (4 * h / image_size; 1/4 for patch 16)."""
