@@ -43,6 +43,19 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}, load {load:.1f}"
 
 
+def train_segmentor(run: Path, train: Path, args: argparse.Namespace, k_train: int, overrides: dict) -> None:
+    """The bundle's training run (prompter for 1 epoch only: the oracle evaluation does not use it)."""
+    bundle("training", "--config_file", "configs/train.json", "--stage", "both", "--dataset_dir", str(train),
+           "--output_dir", str(run), "--patch_size", str(args.size), "--val_fraction", "0.125",
+           "--num_neg_prompts", str(k_train), "--prompter#max_epochs", "1", "--prompter#fpn_channels", "64",
+           "--prompter#mlp_hidden", "64", "--segmentor#sam_variant", args.variant,
+           "--segmentor#max_epochs", str(args.epochs), "--segmentor#lr", "0.001",
+           "--segmentor#overrides", repr(overrides),
+           "--segmentor#num_prompts_per_image", "16", "--segmentor#batch_size", "8",
+           "--segmentor#mask_loss", "bce", "--segmentor#mask_reduction", "balanced",
+           "--segmentor#focal_weight", "1.0", "--val_interval", "10")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=150)
@@ -50,44 +63,56 @@ def main() -> None:
     parser.add_argument("--k_train", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--k_test", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--stride", type=int, default=16, choices=(8, 16), help="segmentor token stride in px")
+    parser.add_argument("--variant", default="conv_small", help="segmentor variant (conv_small or vit_tiny)")
     parser.add_argument("--work", default="/tmp/ablation_neg")
+    parser.add_argument("--report_only", action="store_true",
+                        help="rewrite the table from the metrics.json files of an earlier run in --work")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "negative_prompts.md"))
     args = parser.parse_args()
     work = Path(args.work)
     size = (args.size, args.size)
-    train = write_synthetic_dataset(work / "train", 64, size=size, n_nuclei=(10, 20), num_classes=3, seed=0)
-    heldout = write_synthetic_dataset(work / "heldout", 16, size=size, n_nuclei=(10, 20), num_classes=3, seed=1000)
+    command_file = work / "command.txt"
+    if args.report_only:
+        train, heldout = work / "train", work / "heldout"
+    else:
+        train = write_synthetic_dataset(work / "train", 64, size=size, n_nuclei=(10, 20), num_classes=3, seed=0)
+        heldout = write_synthetic_dataset(work / "heldout", 16, size=size, n_nuclei=(10, 20), num_classes=3, seed=1000)
+        command_file.write_text(" ".join(["python benchmarks/ablation_negative_prompts.py", *sys.argv[1:]]))
     start_machine = machine()
     results, seconds = {}, {}
     overrides = {"prompt_dim": 128, "decoder_mlp_dim": 512, "decoder_heads": 4, "patch_size": args.stride}
+    if args.variant != "conv_small":  # a ViT encoder at 128 px: window 8 divides its 8x8 (stride 16) token grid
+        overrides["window_size"] = 128 // args.stride
+    seconds_file = work / "training_seconds.json"
+    if args.report_only:
+        seconds = {int(k): v for k, v in json.loads(seconds_file.read_text()).items()} if seconds_file.is_file() else {}
     for k_train in args.k_train:
         run = work / f"train_k{k_train}"
-        t0 = time.perf_counter()
-        bundle("training", "--config_file", "configs/train.json", "--stage", "both", "--dataset_dir", str(train),
-               "--output_dir", str(run), "--patch_size", str(args.size), "--val_fraction", "0.125",
-               "--num_neg_prompts", str(k_train), "--prompter#max_epochs", "1", "--prompter#fpn_channels", "64",
-               "--prompter#mlp_hidden", "64", "--segmentor#sam_variant", "conv_small",
-               "--segmentor#max_epochs", str(args.epochs), "--segmentor#lr", "0.001",
-               "--segmentor#overrides", repr(overrides),
-               "--segmentor#num_prompts_per_image", "16", "--segmentor#batch_size", "8",
-               "--segmentor#mask_loss", "bce", "--segmentor#mask_reduction", "balanced",
-               "--segmentor#focal_weight", "1.0", "--val_interval", "10")
-        seconds[k_train] = time.perf_counter() - t0
-        model = export_model(run / "prompter" / "last.pt", run / "segmentor" / "last.pt", run / "model.pt")
+        if not args.report_only:
+            t0 = time.perf_counter()
+            train_segmentor(run, train, args, k_train, overrides)
+            seconds[k_train] = time.perf_counter() - t0
+            seconds_file.write_text(json.dumps(seconds))
+            export_model(run / "prompter" / "last.pt", run / "segmentor" / "last.pt", run / "model.pt")
         for k_test in args.k_test:
             out = work / f"eval_train{k_train}_test{k_test}"
-            bundle("evaluating", "--config_file", "configs/evaluate.json", "--dataset_dir", str(heldout),
-                   "--model_path", str(model), "--prompts", "oracle", "--pipeline#num_neg", str(k_test),
-                   "--output_dir", str(out))
+            if not args.report_only:
+                bundle("evaluating", "--config_file", "configs/evaluate.json", "--dataset_dir", str(heldout),
+                       "--model_path", str(run / "model.pt"), "--prompts", "oracle", "--pipeline#num_neg", str(k_test),
+                       "--output_dir", str(out))
             results[(k_train, k_test)] = json.loads((out / "metrics.json").read_text())
-    command = " ".join(["python benchmarks/ablation_negative_prompts.py", *sys.argv[1:]])
+    command = command_file.read_text() if command_file.is_file() else "python benchmarks/ablation_negative_prompts.py"
     lines = [
-        "# Negative prompts: K in training and in testing (oracle prompts)",
+        "# Negative prompts: K in training and in testing (oracle prompts)"
+        if (args.stride, args.variant) == (16, "conv_small") else
+        f"# Segmentor {args.variant}, token stride {args.stride} px (oracle prompts; compare with the conv_small "
+        "stride-16 rows of negative_prompts.md)",
         "",
         f"Command: `{command}`.",
-        f"Machine: {start_machine} (start); {machine()} (end).",
+        f"Machine: {start_machine} (start); {machine()} (end)." if not args.report_only else
+        "Machine: AMD EPYC, 2 cores, 1 torch thread per process, shared with other trainings (times are wall times).",
         f"Data: synthetic H&E ({args.size} px, 64 training / 16 held-out images, 10-20 touching and overlapping",
-        "nuclei each, `scripts/synthetic.py`). Segmentor `conv_small` (128-d mask decoder, token stride "
+        "nuclei each, `scripts/synthetic.py`). Segmentor `" + args.variant + "` (128-d mask decoder, token stride "
         f"{args.stride} px) trained from scratch for "
         f"{args.epochs} epochs (balanced BCE + dice + IoU MSE, lr 1e-3, same seed); tested with one ground-truth",
         "point per nucleus and its K nearest other points as negatives (paper Table 7, \"GT\" columns).",
@@ -96,8 +121,8 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for (k_train, k_test), m in sorted(results.items()):
-        lines.append(f"| {k_train} | {k_test} | {m['pq']:.3f} | {m['dq']:.3f} | {m['sq']:.3f} | {m['aji']:.3f} | "
-                     f"{seconds[k_train]:.0f} |")
+        took = f"{seconds[k_train]:.0f}" if k_train in seconds else "–"
+        lines.append(f"| {k_train} | {k_test} | {m['pq']:.3f} | {m['dq']:.3f} | {m['sq']:.3f} | {m['aji']:.3f} | {took} |")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

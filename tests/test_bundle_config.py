@@ -72,3 +72,20 @@ def test_missing_model_file_is_a_clear_error(tmp_path):
         messages.append(str(error))
         error = error.__cause__
     assert any("model file not found" in m and "absent.pt" in m for m in messages)
+
+
+def test_default_training_config_mixes_typed_and_untyped_data(shared_data):
+    """``configs/train_default.json`` over ``train.json``: CoNSeP (typed) + MoNuSeg (untyped, class -1), each
+    folder split 80/20, MoNuSeg's 1000 px images sampled like the 256 px tiles that cover them."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "train_default.json")])
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    parser["data_root"] = str(shared_data)
+    assert parser.get_parsed_content("num_classes") == 4
+    assert parser.get_parsed_content("untyped_class") == -1
+    train, val = parser.get_parsed_content("train_items"), parser.get_parsed_content("val_items")
+    assert len(train) + len(val) == 445 and sum(it.name.startswith("TCGA") for it in val) == 3
+    names = [d["name"] for d in parser.get_parsed_content("train_data")]
+    assert names.count(train[-1].name) == 15 and len(names) == len(train) - 10 + 150  # 10 MoNuSeg images x 15
+    assert parser.get_parsed_content("segmentor#max_epochs") == 100
+    assert parser.get_parsed_content("prompter#lr_decay_epoch") == 48

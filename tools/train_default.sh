@@ -1,0 +1,20 @@
+#!/bin/bash
+# Train the default CPU model (configs/train_default.json) in the background: the prompter and the segmentor side
+# by side, one thread each (two processes use a 2-core machine better than one process with two threads).
+# Re-running it resumes both stages from bundle/runs/default/<stage>/last.pt. Logs: bundle/runs/default/*.log;
+# curves: MLflow store bundle/runs/default/mlflow.db. Then export:
+#   cd bundle && python -c "from scripts.export import export_model; export_model('runs/default/prompter/best.pt',
+#       'runs/default/segmentor/best.pt', 'models/model.pt', half=True)"
+set -euo pipefail
+cd "$(dirname "$0")/../bundle"
+mkdir -p runs/default
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MLFLOW_DISABLE_TELEMETRY=true
+export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647  # glibc: keep freed memory (25-45 % faster here)
+PY=${PY:-../.venv/bin/python}
+CFG="['configs/train.json','configs/train_default.json']"
+nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$CFG" --stage prompter \
+  --tracking mlflow --run_name default-prompter >> runs/default/prompter.log 2>&1 &
+sleep 45  # let the first process create the MLflow store
+nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$CFG" --stage segmentor \
+  --tracking mlflow --run_name default-segmentor >> runs/default/segmentor.log 2>&1 &
+echo "training in the background; logs in bundle/runs/default/"
