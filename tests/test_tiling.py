@@ -5,10 +5,11 @@ stitched from encoder tiles (their cores, with ``tile_overlap / 2`` px of contex
 reference runs the (convolutional) encoder on the whole image in one pass (``whole_image_encoder``); everything
 else is the same. On a synthetic 1024 x 1024 image with ~700 nuclei, many cut by the tiles' core borders:
 
-- with a translation-equivariant stand-in segmentor, tiled = untiled exactly (tiles of 128 and 256 px);
-- with the model trained on synthetic data (segmentor at 128 px: tiles of 128 px, 64 px overlap), PQ(untiled,
-  tiled) >= 0.99 with the same prompts; with the prompter tiled too (256 px tiles), what differs is the prompts
-  found near the prompter's tile borders.
+- with a translation-equivariant stand-in segmentor, tiled = untiled exactly (encoder tiles of 128 and 256 px);
+- with the model trained on synthetic data (segmentor at 128 px, encoder tiles of 512 px with 192 px overlap),
+  PQ(untiled, tiled) >= 0.99 with the same prompts (measured 0.996; 0.990 with 128 px overlap, 0.95 with
+  256 px tiles and 128 px overlap: a CNN encoder needs its context); with the prompter on 256 px tiles as well,
+  the prompts found near the prompter's tile borders differ a little (measured 0.96).
 
 (History: until 2026-11-25 each nucleus was decoded in the tile whose core held its point; the masks of the
 trained model then changed with the point's place in its window and tiled vs untiled PQ was 0.64. Decoding on a
@@ -100,7 +101,8 @@ def test_tiling_is_exact_for_an_equivariant_segmentor(record, tile_size):
     context a tile core guarantees): decoded on windows centred on their points, tiled = untiled exactly."""
     assert cut_by_core_borders(record.inst_map, tile_size, 64) >= 50
     threshold = threshold_otsu(record.image.mean(-1))
-    network = PromptNucSeg(nn.Identity(), DarkDiskSegmentor(tile_size, threshold, radius=40), tile_overlap=64)
+    network = PromptNucSeg(nn.Identity(), DarkDiskSegmentor(tile_size, threshold, radius=40), tile_overlap=64,
+                           encoder_tile_size=tile_size)
     image, points = image_tensor(record.image), centroids(record.inst_map)
     tiled = network.segment(image, points)[0]
     reference = untiled(network).segment(image, points)[0]
@@ -108,9 +110,12 @@ def test_tiling_is_exact_for_an_equivariant_segmentor(record, tile_size):
     np.testing.assert_array_equal(tiled, reference)
 
 
+ENCODER_TILE, OVERLAP = 512, 192
+
+
 @pytest.fixture(scope="module")
 def network(trained_model_path) -> PromptNucSeg:
-    return load_model(trained_model_path, "cpu")
+    return load_model(trained_model_path, "cpu", encoder_tile_size=ENCODER_TILE, tile_overlap=OVERLAP)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +126,8 @@ def maps(network, record) -> dict:
     whole = PromptNucSeg(network.prompter, network.segmentor, num_neg=network.num_neg,
                          tile_overlap=network.tile_overlap, prompter_tile_size=None)
     fully_tiled = PromptNucSeg(network.prompter, network.segmentor, num_neg=network.num_neg,
-                               tile_overlap=network.tile_overlap, prompter_tile_size=256)
+                               tile_overlap=network.tile_overlap, prompter_tile_size=256,
+                               encoder_tile_size=network.encoder_tile_size)
     with torch.no_grad():
         prompts = whole.find_prompts(image)
         tiled_prompts = fully_tiled.find_prompts(image)
@@ -147,11 +153,11 @@ def cut_by_core_borders(inst_map: np.ndarray, size: int, overlap: int) -> int:
 
 @pytest.mark.slow
 def test_the_image_has_nuclei_cut_by_tile_borders(network, record, maps):
-    overlap = network.encoder_overlap(network.tile_size // network.segmentor.embedding_size[0])
-    assert network.tile_size == 128 and overlap == 64
+    overlap = network.encoder_overlap(network.tile_size // network.segmentor.embedding_size[0], ENCODER_TILE)
+    assert network.tile_size == 128 and network.encoder_tile(SIZE, SIZE) == ENCODER_TILE and overlap == OVERLAP
     assert record.inst_map.max() >= 650
-    assert cut_by_core_borders(record.inst_map, network.tile_size, overlap) >= 100
-    assert cut_by_core_borders(maps["reference"], network.tile_size, overlap) >= 100
+    assert cut_by_core_borders(record.inst_map, ENCODER_TILE, OVERLAP) >= 40
+    assert cut_by_core_borders(maps["reference"], ENCODER_TILE, OVERLAP) >= 40
     assert len(maps["prompts"]["points"]) >= 400
 
 
@@ -167,7 +173,7 @@ def test_tiled_segmentation_matches_untiled_with_the_same_prompts(record, maps):
 def test_fully_tiled_pipeline_against_untiled(record, maps):
     """With the prompter on 256 px tiles as well, the prompts near its tile borders differ a little."""
     pq = panoptic_quality(maps["reference"], maps["fully_tiled"])
-    assert pq.pq >= 0.9, pq
+    assert pq.pq >= 0.94, pq
     truth = {k: panoptic_quality(record.inst_map, maps[k]).pq for k in ("reference", "fully_tiled")}
     assert truth["fully_tiled"] >= truth["reference"] - 0.02, truth
 

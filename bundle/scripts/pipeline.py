@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from segment_anything.modeling import ImageEncoderViT
+
 from scripts.prompt_sampling import knn_negative_prompts
 from scripts.prompter_post import decode_prompts, point_nms
 
@@ -93,6 +95,9 @@ class PromptNucSeg(nn.Module):
         prompter_tile_size: tile size of the prompter in px; None runs it on the whole image at once.
         chunk_size: prompts per mask-decoder call (bounds memory).
         encoder_batch: encoder tiles per encoder call.
+        encoder_tile_size: tile size of the segmentor's image encoder in px (a multiple of 32). None: the
+            segmentor's input size for a ViT encoder (built for it), 1024 px for a convolutional one (more context
+            per tile, fewer tile borders; it runs on any size).
         whole_image_encoder: run the segmentor's image encoder on the whole image in one pass instead of tiles
             (convolutional encoders only; memory grows with the image).
     """
@@ -110,6 +115,7 @@ class PromptNucSeg(nn.Module):
         prompter_tile_size: int | None = 1024,
         chunk_size: int = 128,
         encoder_batch: int = 4,
+        encoder_tile_size: int | None = None,
         whole_image_encoder: bool = False,
     ) -> None:
         super().__init__()
@@ -124,6 +130,7 @@ class PromptNucSeg(nn.Module):
         self.prompter_tile_size = prompter_tile_size
         self.chunk_size = chunk_size
         self.encoder_batch = encoder_batch
+        self.encoder_tile_size = encoder_tile_size
         self.whole_image_encoder = whole_image_encoder
 
     @property
@@ -255,19 +262,21 @@ class PromptNucSeg(nn.Module):
         device = self._device(self.segmentor)
         if self.whole_image_encoder:
             return self.segmentor.encode_whole(canvas[None].to(device))[0].cpu()
-        overlap = self.encoder_overlap(stride)
+        tile_size = self.encoder_tile(canvas_h, canvas_w)
+        overlap = self.encoder_overlap(stride, tile_size)
         tokens_h, tokens_w = canvas_h // stride, canvas_w // stride
         needed = None if points is None else _window_cover(points, stride, grid, (tokens_h, tokens_w))
         jobs = []
-        for tile in tile_grid(canvas_h, canvas_w, self.tile_size, overlap):
+        for tile in tile_grid(canvas_h, canvas_w, tile_size, overlap):
             core = tuple(v // stride for v in (tile.core_y0, tile.core_y1, tile.core_x0, tile.core_x1))
             if needed is None or needed[core[0] : core[1], core[2] : core[3]].any():
                 jobs.append((tile, core))
+        encode = self.segmentor.encode if tile_size == self.tile_size else self.segmentor.encode_whole
         embedding = None
         for start in range(0, len(jobs), self.encoder_batch):
             batch = jobs[start : start + self.encoder_batch]
-            crops = torch.stack([canvas[:, t.y0 : t.y0 + self.tile_size, t.x0 : t.x0 + self.tile_size] for t, _ in batch])
-            encoded = self.segmentor.encode(crops.to(device)).cpu()
+            crops = torch.stack([canvas[:, t.y0 : t.y0 + tile_size, t.x0 : t.x0 + tile_size] for t, _ in batch])
+            encoded = encode(crops.to(device)).cpu()
             if embedding is None:
                 embedding = encoded.new_zeros((encoded.shape[1], tokens_h, tokens_w))
             for (tile, (y0, y1, x0, x1)), tile_embedding in zip(batch, encoded):
@@ -275,10 +284,17 @@ class PromptNucSeg(nn.Module):
                 embedding[:, y0:y1, x0:x1] = tile_embedding[:, y0 - ty : y1 - ty, x0 - tx : x1 - tx]
         return embedding
 
-    def encoder_overlap(self, stride: int) -> int:
+    def encoder_tile(self, canvas_h: int, canvas_w: int) -> int:
+        """The encoder's tile size in px for a (canvas_h, canvas_w) canvas (see ``encoder_tile_size``)."""
+        if isinstance(getattr(self.segmentor, "image_encoder", None), ImageEncoderViT):
+            return self.tile_size
+        size = self.encoder_tile_size or max(self.tile_size, 1024)
+        return min(size, max(canvas_h, canvas_w, self.tile_size))
+
+    def encoder_overlap(self, stride: int, tile_size: int | None = None) -> int:
         """The encoder tiles' overlap in px: ``tile_overlap`` at most half a tile, in whole pairs of tokens (so
         that core borders fall on token borders)."""
-        overlap = min(self.tile_overlap, self.tile_size // 2)
+        overlap = min(self.tile_overlap, (tile_size or self.tile_size) // 2)
         return overlap - overlap % (2 * stride)
 
     @staticmethod
