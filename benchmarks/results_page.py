@@ -19,6 +19,8 @@ SECTIONS = [
 LINKED = [
     ("benchmarks/negative_prompts.md", "negative prompts K = 0/1/2 in training and testing (synthetic, oracle prompts)"),
     ("benchmarks/token_stride.md", "segmentor token stride 16 vs 8 (synthetic, oracle prompts)"),
+    ("benchmarks/vit_tiny_encoder.md", "segmentor encoder vit_tiny vs conv_small (synthetic, oracle prompts)"),
+    ("benchmarks/prompter_ablation.md", "prompter auxiliary head and mask-aided filtering (synthetic)"),
     ("benchmarks/segmentor.md", "segmentor variants: encoder and decoder cost"),
     ("benchmarks/prompter.md", "prompter backbones: cost"),
     ("benchmarks/pipeline.md", "pipeline stages, outputs and a 4096 px slide: time and memory"),
@@ -34,12 +36,20 @@ def main() -> None:
         "command and machine that produced it.",
         "",
     ]
+    if (DOCS / "results" / "demo_overlay.png").is_file():
+        parts += ["![shipped model on two held-out MoNuSeg crops (make demo)](results/demo_overlay.png)", "",
+                  "The shipped model on the two held-out sample tiles (`make demo`; contour colour = predicted class).",
+                  ""]
     for section, script in SECTIONS:
         path = DOCS / section
         if path.is_file():
             parts.append(path.read_text().rstrip() + "\n")
         else:
             parts += [f"## {section}", "", f"Not measured yet: run `python {script}`.", ""]
+    if (DOCS / "results" / "curves.png").is_file():
+        parts += ["## Training curves of the shipped model", "",
+                  "Validation oracle PQ of the segmentor and detection F1 of the prompter per epoch (MLflow store of the "
+                  "default training, `scripts/compare_runs.py --plot`).", "", "![validation curves](results/curves.png)", ""]
     parts += ["## Further measurements", ""]
     for page, what in LINKED:
         if (DOCS / page).is_file():
