@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,16 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
 
+from bundle_cli import bundle  # noqa: E402
 from machine import cpu_name  # noqa: E402
 from scripts.export import export_model  # noqa: E402
 from scripts.synthetic import write_synthetic_dataset  # noqa: E402
-
-
-def bundle(*args: str) -> None:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", *args]
-    proc = subprocess.run(cmd, cwd=BUNDLE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
 
 
 def machine() -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
 
+from bundle_cli import bundle  # noqa: E402
 from machine import cpu_name  # noqa: E402
 from scripts.checkpoints import load_checkpoint  # noqa: E402
 from scripts.nucleus_metrics import NucleusDetectionMetric  # noqa: E402
@@ -33,13 +33,6 @@ from scripts.prompter_net import Prompter  # noqa: E402
 from scripts.prompter_post import decode_prompts  # noqa: E402
 from scripts.readers import list_items  # noqa: E402
 from scripts.synthetic import write_synthetic_dataset  # noqa: E402
-
-
-def bundle(*args: str) -> None:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", *args]
-    proc = subprocess.run(cmd, cwd=BUNDLE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
 
 
 def load_prompter(checkpoint: Path) -> Prompter:

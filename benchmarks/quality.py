@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +28,7 @@ BUNDLE = REPO / "bundle"
 SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bundle_cli import bundle  # noqa: E402
 from machine import cpu_name  # noqa: E402
 
 SETS = {
@@ -52,13 +51,10 @@ COLUMNS = ["pq", "dq", "sq", "aji", "aji_plus", "f1_det"]
 
 
 def evaluate(folder: str, scale: float, method_args: list[str], model: Path, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", "configs/evaluate.json",
+    cmd = ["evaluating", "--config_file", "configs/evaluate.json",
            "--dataset_dir", str(SHARED_DATA / folder), "--subset", "val", "--scale", str(scale),
            "--model_path", str(model), "--output_dir", str(out), *method_args]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
+    bundle(*cmd)
     return json.loads((out / "metrics.json").read_text())
 
 
