@@ -225,6 +225,7 @@ def instrumented(network, watch: Stopwatch) -> Iterator[None]:
     import scripts.pipeline as pipeline
 
     patches = [(network.prompter, "forward", "prompter network"), (network.segmentor, "encode", "encoder"),
+               (network.segmentor, "encode_whole", "encoder"),
                (network.segmentor, "decode_windows", "decoder"), (network, "_paint", "stitching"),
                (network, "_relabel", "stitching")]
     module_patches = [("decode_prompts", "prompt decoding + NMS"), ("point_nms", "prompt decoding + NMS")]
@@ -267,7 +268,6 @@ def bench_tile(model_path: Path, record, repeats: int, out_dir: Path) -> dict:
     """Seconds per 256 px segmentor tile of each piece (medians over ``repeats`` runs after a warm-up); the writers
     on the pipeline's output and on the image's annotated nuclei (``record.inst_map``, realistic outlines)."""
     from scripts.inference import _per_id, image_tensor
-    from scripts.pipeline import tile_grid
 
     image = record.image
     network = load_model(model_path, "cpu")
@@ -288,11 +288,10 @@ def bench_tile(model_path: Path, record, repeats: int, out_dir: Path) -> dict:
         time_writers(watch, "annotated: ", image, truth, truth_types, dict.fromkeys(truth_ids, 1), ones, ones,
                      out_dir)
         runs.append(watch)
-    grid = tile_grid(*image.shape[:2], network.tile_size, min(network.tile_overlap, network.tile_size // 2))
     names = list(runs[-1].seconds)
     return {
         "image_shape": tuple(image.shape[:2]),
-        "grid_tiles": len(grid),
+        "grid_tiles": image.shape[0] * image.shape[1] / network.tile_size**2,  # 256 px tile areas
         "tiles_with_prompts": runs[-1].calls["encoder"],
         "prompts": int(network.find_prompts(tensor)["points"].shape[0]),
         "nuclei": int(len(result["classes"])),
@@ -414,9 +413,10 @@ def markdown(info: dict, tiles: dict[str, dict], slide: dict | None, image_note:
         "",
         "## Per 256 px tile",
         "",
-        f"Image: {image_note}. Default inference options (tiles of 256 px with 64 px overlap: "
-        f"{first['grid_tiles']} tiles; prompter on tiles of 1024 px; 1 negative prompt; mask filter; NMS 12 px). "
-        "Seconds per tile = seconds for the whole image / tiles of the grid; median of "
+        f"Image: {image_note}. Default inference options (segmentor encoder on tiles of 1024 px for the CNN encoder, "
+        "256 px for the ViT, 128 px overlap, every prompt decoded on the 256 px window centred on it; prompter on "
+        "tiles of 1024 px; 1 negative prompt; mask filter; NMS 12 px). Seconds per tile = seconds for the whole "
+        f"image / its area in 256 x 256 px tiles ({first['grid_tiles']:.1f}); median of "
         f"{first['repeats']} run(s) after a warm-up, the fastest in brackets.",
         "",
     ]
@@ -440,9 +440,8 @@ def markdown(info: dict, tiles: dict[str, dict], slide: dict | None, image_note:
         lines.append(row("annotated: " + name, f"write, annotated nuclei: {name}"))
     lines.append("")
     for variant, t in tiles.items():
-        lines.append(f"- {variant}: {t['prompts']} prompts ({t['prompts'] / area_tiles:.1f} per 256 x 256 px, "
-                     f"{t['prompts'] / t['grid_tiles']:.1f} per tile of the overlapping grid; "
-                     f"{t['tiles_with_prompts']} tiles with prompts), {t['nuclei']} nuclei written; "
+        lines.append(f"- {variant}: {t['prompts']} prompts ({t['prompts'] / area_tiles:.1f} per 256 x 256 px; "
+                     f"{t['tiles_with_prompts']} encoder calls), {t['nuclei']} nuclei written; "
                      f"{t['annotated']} annotated nuclei.")
     lines += [
         "",
@@ -476,8 +475,8 @@ def markdown(info: dict, tiles: dict[str, dict], slide: dict | None, image_note:
             f"| a process that only imports torch, MONAI and the bundle's scripts | {s['imports_rss_mib']:.0f} MiB |",
             "",
             f"The slide raised the peak by {s['peak_rss_mib'] - s['baseline_rss_mib']:.0f} MiB over the one-tile "
-            "run (not broken down further; one 1024 px slide tile's working set — prompter feature maps, up to 256 "
-            "masks of 256 px at a time, label maps — is the likely part); slide tiles are read one at a time, GeoJSON and CSV are streamed, and "
+            f"run (not broken down further; one {s['slide_tile']} px slide tile's working set — prompter feature maps, "
+            "the stitched image embedding, up to 128 masks of 256 px at a time, label maps — is the likely part); slide tiles are read one at a time, GeoJSON and CSV are streamed, and "
             "only the overlay thumbnail (<= 2048 px) is held whole. Most of the resident memory is the libraries.",
             "",
         ]
