@@ -94,7 +94,7 @@ def main() -> None:
                        "--model_path", str(run / "model.pt"), "--prompts", "oracle", "--pipeline#num_neg", str(k_test),
                        "--output_dir", str(out))
             results[(k_train, k_test)] = json.loads((out / "metrics.json").read_text())
-    command = command_file.read_text() if command_file.is_file() else "python benchmarks/ablation_negative_prompts.py"
+    command = command_file.read_text().strip() if command_file.is_file() else "python benchmarks/ablation_negative_prompts.py"
     lines = [
         "# Negative prompts: K in training and in testing (oracle prompts)"
         if (args.stride, args.variant) == (16, "conv_small") else
