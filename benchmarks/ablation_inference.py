@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import cpu_name  # noqa: E402
-from quality import BUNDLE, REPO, SHARED_DATA, evaluate, fmt  # noqa: E402
+from quality import BUNDLE, REPO, SHARED_DATA, cells, evaluate, fmt  # noqa: E402
 
 SETTINGS = {
     "default (filtering on, K = 1)": [],
@@ -53,8 +53,7 @@ def main() -> None:
             out = Path(args.work) / f"{folder}_{len(lines)}"
             m = evaluate(folder, 1.0, ["--method", "promptnucseg", "--prompts", "prompter", *extra], model, out)
             print(f"{set_name} | {setting}: pq {fmt(m['pq'])}", flush=True)
-            lines.append(f"| {set_name} | {setting} | {fmt(m['pq'])} | {fmt(m['dq'])} | {fmt(m['sq'])} | "
-                         f"{fmt(m['aji'])} | {fmt(m['f1_det'])} | {m['n_pred']} |")
+            lines.append(f"| {set_name} | {setting} | {cells(m, ('pq', 'dq', 'sq', 'aji', 'f1_det'))} | {m['n_pred']} |")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.output).write_text(text)

@@ -62,6 +62,11 @@ def fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def cells(metrics: dict, columns=COLUMNS) -> str:
+    """Markdown table cells of ``metrics`` (a metrics.json) for ``columns``, "–" where undefined."""
+    return " | ".join(fmt(metrics.get(c)) for c in columns)
+
+
 def markdown(results: dict, model: Path, command: str) -> str:
     lines = [
         "## Quality on held-out real H&E",
@@ -76,8 +81,7 @@ def markdown(results: dict, model: Path, command: str) -> str:
     ]
     for set_name, by_method in results.items():
         for method, m in by_method.items():
-            cells = " | ".join(fmt(m.get(c)) for c in COLUMNS)
-            lines.append(f"| {set_name} | {method} | {cells} | {m.get('n_true', '–')} / {m.get('n_pred', '–')} |")
+            lines.append(f"| {set_name} | {method} | {cells(m)} | {m.get('n_true', '–')} / {m.get('n_pred', '–')} |")
     for name, m in PAPER:
         lines.append(f"| {name} | (published) | {fmt(m['pq'])} | {fmt(m['dq'])} | {fmt(m['sq'])} | {fmt(m['aji'])} "
                      "| – | – | – |")

@@ -7,15 +7,16 @@ metric improves. A killed training loses at most the epoch in progress.
 
 from __future__ import annotations
 
-from monai.apps.utils import get_logger
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from monai.apps.utils import get_logger
+
+from scripts.writers import atomic_path
 
 logger = get_logger("scripts.checkpoints")
 
@@ -23,26 +24,13 @@ LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
 
 
-_UMASK = os.umask(0)  # the process umask (read, then restored)
-os.umask(_UMASK)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a reader never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed
+    (:func:`scripts.writers.atomic_path`): a reader never sees a partial file."""
+    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -20,7 +20,7 @@ from monai.data import Dataset, list_data_collate
 from monai.transforms import MapTransform
 from PIL import Image
 
-from scripts.readers import list_items
+from scripts.readers import dataset_folders, list_items
 from scripts.readers.common import check_unique_names
 from scripts.records import DatasetItem
 
@@ -75,8 +75,7 @@ def train_val_items(
     ``dataset_dir`` may be a list of folders (all of ``dataset_format``, or ``auto`` to detect each); each
     folder is split on its own by ``val_fraction``, so every source has images in validation.
     """
-    dirs = [dataset_dir] if isinstance(dataset_dir, str) else list(dataset_dir)
-    per_dir = [list_items(d, dataset_format) for d in dirs]
+    per_dir = [list_items(folder, dataset_format) for folder in dataset_folders(dataset_dir)]
     items = [it for folder_items in per_dir for it in folder_items]
     if not items:
         raise ValueError(f"no images found in dataset_dir={dataset_dir!r}")

@@ -159,8 +159,7 @@ def list_dataset(
     if subset not in ("all", "train", "val"):
         raise ValueError(f"subset must be 'all', 'train' or 'val', got {subset!r}")
     if subset == "all":
-        dirs = [dataset_dir] if isinstance(dataset_dir, (str, Path)) else list(dataset_dir)
-        items = [it for d in dirs for it in list_items(d, dataset_format)]
+        items = list_items(dataset_dir, dataset_format)
     else:
         train, val = train_val_items(dataset_dir, dataset_format, None, val_fraction, seed)
         items = val if subset == "val" else train

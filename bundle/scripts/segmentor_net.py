@@ -118,8 +118,11 @@ class Segmentor(nn.Module):
         h, w = images.shape[-2:]
         if h > self.image_size or w > self.image_size:
             raise ValueError(f"image {h}x{w} is larger than the segmentor's image_size {self.image_size}")
-        x = (images.float() - self.pixel_mean) / self.pixel_std
-        return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+        return F.pad(self.normalise(images), (0, self.image_size - w, 0, self.image_size - h))
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """SAM's pixel normalisation of float RGB in [0, 255]."""
+        return (images.float() - self.pixel_mean) / self.pixel_std
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings.
@@ -169,16 +172,7 @@ class Segmentor(nn.Module):
         if num == 0:  # empty outputs still tied to the graph, so a batch without nuclei can back-propagate
             tie = embedding.sum() * 0.0
             return embedding.new_zeros((0, out_h, out_w)) + tie, embedding.new_zeros((0,)) + tie
-        sparse, dense = self.prompt_encoder(
-            points=(point_coords.to(embedding), point_labels.to(embedding.device)), boxes=None, masks=None
-        )
-        low, iou = self.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+        low, iou = self._run_decoder(embedding, point_coords, point_labels)
         if low_res:
             return low[:, 0, :out_h, :out_w], iou[:, 0]
         masks = F.interpolate(low, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
@@ -206,18 +200,35 @@ class Segmentor(nn.Module):
         num = windows.shape[0]
         if num == 0:
             return windows.new_zeros((0, self.image_size, self.image_size)), windows.new_zeros((0,))
-        sparse, dense = self.prompt_encoder(
-            points=(point_coords.to(windows), point_labels.to(windows.device)), boxes=None, masks=None
-        )
-        low, iou = self.mask_decoder(
-            image_embeddings=windows.new_zeros((1,) + tuple(windows.shape[1:])),
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense + windows,
-            multimask_output=False,
-        )
+        low, iou = self._run_decoder(windows.new_zeros((1,) + tuple(windows.shape[1:])), point_coords, point_labels,
+                                     per_prompt_embeddings=windows)
         masks = F.interpolate(low, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return masks[:, 0], iou[:, 0]
+
+    def _run_decoder(
+        self,
+        embedding: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        per_prompt_embeddings: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + SAM's mask decoder, single-mask output: (Z, 1, 4h, 4w) low-res logits, (Z, 1) IoU.
+
+        ``embedding`` (1, C, h, w) is shared by the Z prompts; ``per_prompt_embeddings`` (Z, C, h, w), if given, is
+        added per prompt (through the decoder's dense prompt embeddings).
+        """
+        sparse, dense = self.prompt_encoder(
+            points=(point_coords.to(embedding), point_labels.to(embedding.device)), boxes=None, masks=None
+        )
+        if per_prompt_embeddings is not None:
+            dense = dense + per_prompt_embeddings
+        return self.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
 
     def encode_whole(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings of images of any size (multiples of 32 px) in one pass; convolutional encoders only (a ViT
@@ -233,7 +244,7 @@ class Segmentor(nn.Module):
             raise ValueError("encode_whole needs a convolutional image encoder; a ViT encoder runs on tiles of its input size")
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] % 32 or images.shape[-2] % 32:
             raise ValueError(f"images must be (B, 3, H, W) with H, W multiples of 32, got {tuple(images.shape)}")
-        return self.image_encoder((images.float() - self.pixel_mean) / self.pixel_std)
+        return self.image_encoder(self.normalise(images))
 
     @property
     def mask_decoder_scale(self) -> float:

@@ -24,7 +24,7 @@ from scripts.records import DatasetItem, NucleusRecord
 READERS: dict[str, ModuleType] = {"monuseg": monuseg, "hovernet": hovernet, "pannuke": pannuke, "folder": folder}
 FORMATS = tuple(READERS)
 
-__all__ = ["FORMATS", "READERS", "dataset_class_names", "detect_format", "list_items", "read_dataset"]
+__all__ = ["FORMATS", "READERS", "dataset_class_names", "dataset_folders", "detect_format", "list_items", "read_dataset"]
 
 
 def _has_file(dataset_dir: Path, pattern: str) -> bool:
@@ -67,10 +67,18 @@ def _reader(dataset_dir: str | Path, dataset_format: str) -> tuple[Path, ModuleT
     return path, READERS[dataset_format]
 
 
-def list_items(dataset_dir: str | Path, dataset_format: str = "auto") -> list[DatasetItem]:
-    """Lazily loadable items of a dataset, sorted by name; raises ValueError when two items share a name."""
-    path, reader = _reader(dataset_dir, dataset_format)
-    items = sorted(reader.list_items(path), key=lambda item: item.name)
+def dataset_folders(dataset_dir: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    """A dataset folder, or a list of them, as a list of folders."""
+    return [dataset_dir] if isinstance(dataset_dir, (str, Path)) else list(dataset_dir)
+
+
+def list_items(dataset_dir: str | Path | Sequence[str | Path], dataset_format: str = "auto") -> list[DatasetItem]:
+    """Lazily loadable items of a dataset, sorted by name (a list of folders: folder by folder); raises ValueError
+    when two items share a name."""
+    items = []
+    for folder in dataset_folders(dataset_dir):
+        path, reader = _reader(folder, dataset_format)
+        items += sorted(reader.list_items(path), key=lambda item: item.name)
     check_unique_names(items)
     return items
 
@@ -93,7 +101,7 @@ def dataset_class_names(
     if isinstance(dataset_dir, (str, Path)):
         path, reader = _reader(dataset_dir, dataset_format)
         return reader.class_names(path)
-    tables = {str(d): dataset_class_names(d, dataset_format) for d in dataset_dir}
+    tables = {str(d): dataset_class_names(d, dataset_format) for d in dataset_folders(dataset_dir)}
     typed = {d: t for d, t in tables.items() if t}
     if len({tuple(sorted(t.items())) for t in typed.values()}) > 1:
         raise ValueError(f"dataset folders have different class tables: {typed}")
