@@ -45,6 +45,7 @@ from bench_pipeline import Stopwatch, he_crops, instrumented, machine, random_mo
 from scripts.export import load_model  # noqa: E402
 from scripts.inference import image_tensor  # noqa: E402
 from scripts.records import NucleusRecord  # noqa: E402
+from scripts.segmentor_net import decode_at_points  # noqa: E402
 
 TILE = 256
 HOVERNET_OUT = 164  # fast mode: central 164 px of a 256 px input
@@ -178,7 +179,7 @@ def stage_flops(network, hovernet: HoverNetRunner, record: NucleusRecord, prompt
 
 
 def _decode(network, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor):
-    return network.segmentor.decode(embedding, points, labels)
+    return decode_at_points(network.segmentor, embedding[0], points, labels)
 
 
 @torch.no_grad()

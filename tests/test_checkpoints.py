@@ -76,6 +76,11 @@ def test_training_killed_mid_run_resumes_from_last_epoch(tmp_path):
 
     log = run_bundle("training", "configs/train.json", *args, "--max_epochs", str(killed_at + 1)).stdout
     assert f"resumed from {last} at epoch {killed_at}" in log
+    # the evaluator's best is restored too: its log never reports a best below the checkpoint's
+    key_lines = [line for line in log.splitlines() if "Key metric" in line and "best value:" in line]
+    assert key_lines, log[-2000:]
+    logged_best = float(key_lines[-1].split("best value:")[1].split()[0])
+    assert logged_best >= state["best_metric"]["value"] - 1e-9
     resumed = load_checkpoint(last)
     assert resumed["trainer"]["epoch"] == killed_at + 1
     assert resumed["trainer"]["iteration"] == iterations + iterations // killed_at  # one more epoch only

@@ -50,3 +50,33 @@ def test_window_origins_centre_each_point_and_stay_inside():
     cover = _window_cover(points, 16, 16, (20, 40))
     assert cover.shape == (20, 40) and cover[:16, :16].all() and cover[:16, 24:].all() and not cover[16:].any()
     assert cover.sum() == 16 * (16 + 4 + 16)  # windows at x tokens 0-15, 4-19 (overlap), 24-39
+
+
+def test_segment_with_a_decoding_window_smaller_than_the_tile():
+    """8 px tokens and a 64 px decoding window on 128 px encoder tiles of a 300 x 200 px image: each prompt's mask
+    is pasted at its window, centred on its point (moved inside the image at the borders)."""
+    from torch import nn
+
+    from scripts.segmentor_net import build_segmentor
+
+    torch.manual_seed(0)
+    segmentor = build_segmentor("conv_small", image_size=128, patch_size=8, decoder_window=64, prompt_dim=32,
+                                decoder_mlp_dim=64, decoder_heads=2).eval()
+    real_decode = segmentor.decode_windows
+
+    def whole_window(windows, coords, labels):  # the real decoder runs; every pixel of its window is foreground
+        logits, ious = real_decode(windows, coords, labels)
+        return torch.ones_like(logits), ious
+
+    segmentor.decode_windows = whole_window
+    image = torch.rand(3, 200, 300) * 255
+    points = torch.tensor([[10.0, 10.0], [150.0, 100.0], [290.0, 190.0], [60.0, 180.0]])  # (x, y) px
+    network = PromptNucSeg(nn.Identity(), segmentor, tile_overlap=64, encoder_tile_size=128, min_area=1)
+    inst_map, prompt_of_id, _ = network.segment(image, points)
+    assert inst_map.shape == (200, 300) and len(prompt_of_id) == 4
+    rows, cols = np.indices(inst_map.shape)
+    for instance_id, prompt in enumerate(prompt_of_id.tolist(), start=1):
+        inside = inst_map == instance_id
+        x, y = points[prompt].tolist()
+        # the window: 8 tokens of 8 px centred on the point's token, moved inside the (canvas) embedding
+        assert (np.abs(cols[inside] + 0.5 - x) <= 64).all() and (np.abs(rows[inside] + 0.5 - y) <= 64).all()

@@ -137,3 +137,24 @@ def test_mask_iou_and_bad_options() -> None:
         SegmentorLoss(mask_loss="l2")
     with pytest.raises(ValueError, match="mask_reduction"):
         SegmentorLoss(mask_reduction="sum")
+
+
+def test_objective_crops_each_target_to_its_decoding_window() -> None:
+    """With windowed decoding the training objective scores each mask against its target cropped to the same
+    window (x, y origins in px), not against the tile."""
+    from scripts.training import SegmentorObjective
+
+    loss = SegmentorLoss(mask_loss="bce", mask_reduction="balanced", focal_weight=1.0)
+    target = torch.zeros(1, 2, 16, 16)
+    target[0, 0, 9:12, 5:8] = 1  # nucleus 0 at rows 9-11, cols 5-7
+    target[0, 1, 0:3, 0:3] = 1
+    origins = torch.tensor([[[4, 8], [0, 0]]])  # (B, Z, 2) (x, y) px
+    logits = torch.full((1, 2, 8, 8), -5.0)
+    logits[0, 0, 1:4, 1:4] = 5.0  # window 0 starts at (x 4, y 8): the nucleus sits at rows 1-3, cols 1-3
+    logits[0, 1, 0:3, 0:3] = 5.0
+    pred = {"mask_logits": logits, "iou_pred": torch.ones(1, 2), "window_origins": origins}
+    terms = SegmentorObjective(loss).terms(pred, {"masks": target, "valid": torch.ones(1, 2, dtype=torch.bool)})
+    assert terms["iou_actual"].item() == 1.0 and terms["iou"].item() == 0.0
+    shifted = dict(pred, window_origins=torch.tensor([[[0, 0], [0, 0]]]))
+    wrong = SegmentorObjective(loss).terms(shifted, {"masks": target, "valid": torch.ones(1, 2, dtype=torch.bool)})
+    assert wrong["iou_actual"].item() == 0.5  # prompt 0 now misses its nucleus

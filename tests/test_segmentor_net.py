@@ -8,8 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from scripts.segmentor_net import (
+    OUTSIDE_LOGIT,
     SEGMENTOR_VARIANTS,
     build_segmentor,
+    crop_windows,
+    decode_at_points,
+    paste_windows,
     load_segmentor_checkpoint,
     save_segmentor_checkpoint,
 )
@@ -53,8 +57,7 @@ def test_shapes_and_token_grid(tiny: torch.nn.Module) -> None:
         assert emb.shape == (2, 256, 16, 16)
         out = tiny(images, coords[None].repeat(2, 1, 1, 1), labels[None].repeat(2, 1, 1))
         assert out["mask_logits"].shape == (2, 5, 256, 256) and out["iou_pred"].shape == (2, 5)
-        low = tiny(images, coords[None].repeat(2, 1, 1, 1), labels[None].repeat(2, 1, 1), low_res=True)
-        assert low["mask_logits"].shape == (2, 5, 64, 64)
+        assert (out["window_origins"] == 0).all()  # the window is the whole tile
         m, i = tiny.decode(emb[0], coords[:0], labels[:0])
         assert m.shape == (0, 256, 256) and i.shape == (0,)
     fine = build_segmentor("vit_tiny", 256, patch_size=8).eval()
@@ -70,7 +73,10 @@ def test_smaller_input_is_padded_and_cropped(tiny: torch.nn.Module) -> None:
     coords, labels = _prompts(3, size=200)
     with torch.no_grad():
         out = tiny(images, coords[None], labels[None])
-    assert out["mask_logits"].shape == (1, 3, 200, 240)
+        masks, _ = tiny.decode(tiny.encode(images), coords, labels, input_size=(200, 240))
+    assert out["mask_logits"].shape == (1, 3, 256, 256)  # the window: the padded input
+    assert masks.shape == (3, 200, 240)
+    torch.testing.assert_close(out["mask_logits"][0, :, :200, :240], masks, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="larger than"):
         tiny.encode(torch.zeros(1, 3, 300, 256))
 
@@ -270,7 +276,7 @@ def test_tiny_overfits_one_image() -> None:
     losses, mask_terms = [], []
     for _ in range(30):
         s = sampler({"inst": inst[None]})
-        out = model(img, s["prompt_coords"][None], s["prompt_labels"][None], low_res=True)
+        out = model(img, s["prompt_coords"][None], s["prompt_labels"][None])
         terms = loss_fn(out["mask_logits"], out["iou_pred"], s["prompt_masks"][None], s["prompt_valid"][None])
         opt.zero_grad()
         terms["loss"].backward()
@@ -317,3 +323,76 @@ def test_decode_windows_equals_decode_on_a_shared_embedding_and_encode_whole():
         build_segmentor("vit_tiny", image_size=64).encode_whole(torch.rand(1, 3, 64, 64))
     with pytest.raises(ValueError, match="windows must be"):
         conv.decode_windows(torch.rand(2, 64, 4, 4), coords[:2], labels[:2])
+
+
+def test_decoder_window_decodes_each_prompt_on_its_centred_window():
+    """8 px tokens, 128 px decoding window on a 256 px tile: the decoder sees 16x16 tokens centred on each positive
+    point (moved inside the tile at its borders); ``decode`` pastes the windows into the tile; the training forward
+    gives the windows and their origins; negatives outside a window become padding."""
+    torch.manual_seed(0)
+    net = build_segmentor("conv_small", image_size=256, patch_size=8, decoder_window=128, prompt_dim=64,
+                          decoder_mlp_dim=128, decoder_heads=2).eval()
+    assert (net.patch_size, net.window_size, net.embedding_size) == (8, 128, (16, 16))
+    image = torch.rand(1, 3, 256, 256) * 255
+    coords = torch.tensor([[[130.0, 100.0], [150.0, 110.0]], [[5.0, 250.0], [240.0, 5.0]]])  # (Z, P, 2) (x, y)
+    labels = torch.tensor([[1, 0], [1, 0]])
+    with torch.no_grad():
+        embedding = net.encode(image)[0]
+        assert embedding.shape == (64, 32, 32)
+        logits, ious, origins = decode_at_points(net, embedding, coords, labels)
+        assert logits.shape == (2, 128, 128)
+        # point (130, 100) is in token (16, 12): window from token (8, 4) = px (64, 32); (5, 250): clamped (0, 128)
+        assert origins.tolist() == [[64, 32], [0, 128]]
+        window = embedding[:, 4:20, 8:24][None]
+        expected, _ = net.decode_windows(window, coords[:1] - torch.tensor([64.0, 32.0]), labels[:1])
+        torch.testing.assert_close(logits[:1], expected)
+        # the second prompt's negative (240, 5) is outside its window: it becomes padding (label -1)
+        alone, _ = net.decode_windows(embedding[:, 16:32, 0:16][None], coords[1:] - torch.tensor([0.0, 128.0]),
+                                      torch.tensor([[1, -1]]))
+        torch.testing.assert_close(logits[1:], alone)
+        pasted, _ = net.decode(embedding, coords, labels)
+        assert pasted.shape == (2, 256, 256)
+        torch.testing.assert_close(pasted[0, 32:160, 64:192], logits[0])
+        assert (pasted[0, :32] == OUTSIDE_LOGIT).all() and (pasted[1, :128] == OUTSIDE_LOGIT).all()
+        out = net(image, coords[None], labels[None])
+    assert out["mask_logits"].shape == (1, 2, 128, 128)
+    assert out["window_origins"][0].tolist() == origins.tolist()
+    torch.testing.assert_close(out["mask_logits"][0], logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="decoder_window"):
+        build_segmentor("conv_small", image_size=256, patch_size=8, decoder_window=100)
+
+
+def test_crop_and_paste_windows_are_inverse_inside_the_image():
+    images = torch.arange(2 * 6 * 7, dtype=torch.float32).view(2, 6, 7)
+    origins = torch.tensor([[1, 2], [4, 3]])  # (x, y) px
+    crops = crop_windows(images, origins, 4)
+    assert crops.shape == (2, 4, 4)
+    torch.testing.assert_close(crops[0], images[0, 2:6, 1:5])
+    torch.testing.assert_close(crops[1, :3, :3], images[1, 3:6, 4:7])
+    assert (crops[1, 3:] == 0).all() and (crops[1, :, 3:] == 0).all()  # beyond the image: 0
+    pasted = paste_windows(crops, origins, (6, 7))
+    torch.testing.assert_close(pasted[0, 2:6, 1:5], images[0, 2:6, 1:5])
+    assert (pasted[0, :2] == OUTSIDE_LOGIT).all()
+
+
+def test_warm_start_copies_what_fits(tmp_path):
+    """A stride-8 segmentor starts from a stride-16 checkpoint: the decoder, prompt encoder, backbone and neck carry
+    over; the finer stages' projections (other kernel sizes) keep their fresh weights."""
+    from scripts.segmentor_net import warm_start
+
+    torch.manual_seed(0)
+    small = dict(prompt_dim=64, decoder_mlp_dim=128, decoder_heads=2)
+    coarse = build_segmentor("conv_small", image_size=128, **small)
+    path = save_segmentor_checkpoint(coarse, tmp_path / "coarse.pt")
+    fine = build_segmentor("conv_small", image_size=128, patch_size=8, decoder_window=64, **small)
+    fresh_proj = fine.image_encoder.proj[0].weight.clone()
+    assert warm_start(fine, None) is fine
+    warm_start(fine, path)
+    torch.testing.assert_close(fine.mask_decoder.state_dict()["iou_token.weight"], coarse.mask_decoder.iou_token.weight)
+    torch.testing.assert_close(fine.image_encoder.neck[0].weight, coarse.image_encoder.neck[0].weight)
+    torch.testing.assert_close(fine.image_encoder.proj[0].weight, fresh_proj)  # kernel 2 vs 4: not copied
+    with pytest.raises(FileNotFoundError, match="init_checkpoint"):
+        warm_start(fine, tmp_path / "missing.pt")
+    torch.save({"state_dict": {"unrelated.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="no parameter matches"):
+        warm_start(fine, tmp_path / "other.pt")

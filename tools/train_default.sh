@@ -2,9 +2,12 @@
 # Train the default CPU model (configs/train_default.json) in the background: the prompter and the segmentor side
 # by side, one thread each (two processes use a 2-core machine better than one process with two threads).
 # Re-running it resumes both stages from bundle/runs/default/<stage>/last.pt. Logs: bundle/runs/default/*.log;
-# curves: MLflow store bundle/runs/default/mlflow.db. Then export:
+# curves: MLflow store bundle/runs/default/mlflow.db.
+# Segmentor stage 2: `tools/train_default.sh s8` fine-tunes the segmentor with 8 px tokens and a 128 px decoding
+# window (configs/train_default_s8.json), starting from stage 1's best checkpoint (runs/default/segmentor/best.pt;
+# the shipped model's stage 1 was stopped at epoch 66 of 100, its best was epoch 58). Then export:
 #   cd bundle && python -c "from scripts.export import export_model; export_model('runs/default/prompter/best.pt',
-#       'runs/default/segmentor/best.pt', 'models/model.pt', half=True)"
+#       'runs/default/segmentor_s8/best.pt', 'models/model.pt', half=True)"
 set -euo pipefail
 cd "$(dirname "$0")/../bundle"
 mkdir -p runs/default
@@ -12,6 +15,13 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MLFLOW_DISABLE_TELEMETRY=true
 export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647  # glibc: keep freed memory (25-45 % faster here)
 PY=${PY:-../.venv/bin/python}
 CFG="['configs/train.json','configs/train_default.json']"
+if [ "${1:-}" = s8 ]; then
+  CFG_S8="['configs/train.json','configs/train_default.json','configs/train_default_s8.json']"
+  nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$CFG_S8" \
+    --stage segmentor --tracking mlflow --run_name default-segmentor-s8 >> runs/default/segmentor_s8.log 2>&1 &
+  echo "segmentor stage 2 in the background; log in bundle/runs/default/segmentor_s8.log"
+  exit 0
+fi
 nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$CFG" --stage prompter \
   --tracking mlflow --run_name default-prompter >> runs/default/prompter.log 2>&1 &
 sleep 45  # let the first process create the MLflow store

@@ -120,6 +120,9 @@ class TrainingCheckpointer:
                 raise KeyError(f"{self.last_path}: no '{key}' entry to resume from")
             obj.load_state_dict(state[key])
         self.best.load_state_dict(state["best_metric"])
+        if self.evaluator is not None and self.best.epoch >= 0:  # so its "Key metric ... best value" log agrees
+            self.evaluator.state.best_metric = self.best.value
+            self.evaluator.state.best_metric_epoch = self.best.epoch
         engine.state.epoch = int(state["trainer"]["epoch"])
         engine.state.iteration = int(state["trainer"]["iteration"])
         engine.state.max_epochs = max_epochs

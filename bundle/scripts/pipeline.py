@@ -3,8 +3,8 @@
 Images of any size: the segmentor's image encoder runs on square tiles of its input size with overlap, and the
 embedding of the whole image is stitched from the tiles' *cores* (the tile minus half the overlap on each inner
 side, aligned to the token grid), so every token was computed with at least ``tile_overlap / 2`` px of context.
-Each prompt is then decoded on the window of that embedding centred on its point (the segmentor's input size,
-moved inside the image at its borders): a nucleus is always seen in the middle of its window, wherever the tile
+Each prompt is then decoded on the window of that embedding centred on its point (the segmentor's decoding
+window: its input size or ``decoder_window``, moved inside the image at its borders): a nucleus is always seen in the middle of its window, wherever the tile
 borders fall, and the result does not depend on the tiling beyond the encoder's context (the encoder can also
 run on the whole image in one pass, ``whole_image_encoder``, for convolutional encoders). The mask decoder is
 batched over all prompts. Overlapping masks are resolved by predicted IoU (higher wins) over the whole image.
@@ -24,6 +24,7 @@ from segment_anything.modeling import ImageEncoderViT
 
 from scripts.prompt_sampling import knn_negative_prompts
 from scripts.prompter_post import decode_prompts, point_nms
+from scripts.segmentor_net import decode_at_points, window_origins
 
 
 @dataclass(frozen=True)
@@ -222,28 +223,19 @@ class PromptNucSeg(nn.Module):
         owner = torch.zeros(height * width, dtype=torch.int64)  # prompt index + 1
         iou_pred = torch.zeros(len(points))
         if len(points):
-            grid, stride = self._token_grid()
-            embedding = self.embed(image, points)
-            origins = window_origins(points, stride, grid, embedding.shape[-2:])  # (N, 2) token (x, y)
             device = self._device(self.segmentor)
-            steps = torch.arange(grid)
+            embedding = self.embed(image, points).to(device)
             for start in range(0, len(points), self.chunk_size):
                 part = torch.arange(start, min(start + self.chunk_size, len(points)))
-                ox, oy = origins[part, 0], origins[part, 1]
-                windows = embedding[:, (oy[:, None] + steps)[:, :, None], (ox[:, None] + steps)[:, None, :]]
-                offset_px = (origins[part] * stride).float()
-                local = coords[part] - offset_px[:, None, :]
-                local_labels = _outside_as_padding(local, labels[part], self.tile_size, self.tile_size)
-                logits, ious = self.segmentor.decode_windows(windows.permute(1, 0, 2, 3).to(device),
-                                                             local.to(device), local_labels.to(device))
-                self._paint(logits.cpu(), ious.cpu().float(), part, offset_px.long(), (height, width), best_score, owner)
+                logits, ious, offsets = decode_at_points(self.segmentor, embedding, coords[part].to(device),
+                                                         labels[part].to(device))
+                self._paint(logits.cpu(), ious.cpu().float(), part, offsets.cpu(), (height, width), best_score, owner)
                 iou_pred[part] = ious.cpu().float()
         return self._relabel(owner.view(height, width).numpy(), iou_pred)
 
     def _token_grid(self) -> tuple[int, int]:
-        """(tokens per window side, px per token) of the segmentor."""
-        grid = int(self.segmentor.embedding_size[0])
-        return grid, self.tile_size // grid
+        """(tokens per decoding-window side, px per token) of the segmentor."""
+        return int(self.segmentor.embedding_size[0]), int(self.segmentor.patch_size)
 
     def embed(self, image: torch.Tensor, points: torch.Tensor | None = None) -> torch.Tensor:
         """Image embedding (C, Hc / stride, Wc / stride) of the image padded with white (glass) right / bottom to
@@ -348,14 +340,6 @@ def negative_prompts(points: torch.Tensor, extra: torch.Tensor | None, k: int) -
     return torch.from_numpy(coords[:n]), torch.from_numpy(labels[:n])
 
 
-def window_origins(points: torch.Tensor, stride: int, grid: int, tokens: tuple[int, int]) -> torch.Tensor:
-    """(N, 2) int64 (x, y) token index of the top-left of each point's decoding window: ``grid`` x ``grid`` tokens
-    centred on the point's token, moved inside the (rows, cols) = ``tokens`` embedding."""
-    token = torch.div(points.float(), stride, rounding_mode="floor").long()
-    limits = torch.tensor([tokens[1] - grid, tokens[0] - grid])
-    return torch.minimum(torch.clamp(token - grid // 2, min=0), limits)
-
-
 def _window_cover(points: torch.Tensor, stride: int, grid: int, tokens: tuple[int, int]) -> np.ndarray:
     """(rows, cols) bool: the tokens inside at least one point's decoding window (2-D difference array)."""
     origins = window_origins(points, stride, grid, tokens).numpy()
@@ -366,10 +350,3 @@ def _window_cover(points: torch.Tensor, stride: int, grid: int, tokens: tuple[in
     np.add.at(diff, (y0, x0 + grid), -1)
     np.add.at(diff, (y0 + grid, x0 + grid), 1)
     return diff.cumsum(0).cumsum(1)[: tokens[0], : tokens[1]] > 0
-
-
-def _outside_as_padding(coords: torch.Tensor, labels: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Negative prompts outside the tile become padding (-1): the segmentor only sees points in its window."""
-    x, y = coords[..., 0], coords[..., 1]
-    outside = (x < 0) | (y < 0) | (x >= width) | (y >= height)
-    return torch.where(outside & (labels == 0), torch.full_like(labels, -1), labels)

@@ -23,10 +23,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.apps.utils import get_logger
+from monai.networks.utils import copy_model_state
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
 from scripts.conv_encoder import ConvImageEncoder
+
+logger = get_logger("scripts.segmentor_net")
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -50,6 +54,10 @@ class SegmentorSpec:
             (:class:`scripts.conv_encoder.ConvImageEncoder`, same embedding shape; the ViT fields are unused and
             ``patch_size`` (16 or 8) is the encoder's output stride).
         conv_backbone: the CNN of the ``"conv"`` encoder (a key of ``scripts.prompter_net.BACKBONES``).
+        decoder_window: side in px of the embedding window the mask decoder sees around each prompt (a multiple of
+            ``patch_size``, at most the input size); 0 = the whole input (SAM). A window smaller than the input
+            decouples the token resolution from the decoder's cost: 8 px tokens with a 128 px window give the
+            decoder the same 16x16 tokens as 16 px tokens on a 256 px tile, and masks at 2 px instead of 4 px.
     """
 
     embed_dim: int
@@ -65,6 +73,7 @@ class SegmentorSpec:
     decoder_heads: int = 8
     encoder: str = "vit"
     conv_backbone: str = "resnet_small"
+    decoder_window: int = 0
 
 
 SEGMENTOR_VARIANTS: dict[str, SegmentorSpec] = {
@@ -108,8 +117,18 @@ class Segmentor(nn.Module):
 
     @property
     def embedding_size(self) -> tuple[int, int]:
-        """Token grid (h, w) of the image embedding."""
+        """Token grid (h, w) of the window the mask decoder sees (the whole input's unless ``decoder_window``)."""
         return tuple(self.prompt_encoder.image_embedding_size)
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels per token side (the image encoder's output stride)."""
+        return int(self.prompt_encoder.input_image_size[0]) // int(self.prompt_encoder.image_embedding_size[0])
+
+    @property
+    def window_size(self) -> int:
+        """Side in px of the window each prompt is decoded on (``image_size`` unless ``decoder_window``)."""
+        return int(self.prompt_encoder.input_image_size[0])
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Normalise (B, 3, H, W) float [0, 255] and pad right / bottom to (B, 3, image_size, image_size)."""
@@ -141,40 +160,34 @@ class Segmentor(nn.Module):
         point_coords: torch.Tensor,
         point_labels: torch.Tensor,
         input_size: tuple[int, int] | None = None,
-        low_res: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One mask per prompt for one image; the mask decoder runs once on all Z prompts (no per-prompt loop).
+        """One whole-image mask per prompt for one image; the mask decoder runs once on all Z prompts.
+
+        With a ``decoder_window`` smaller than the input, each prompt is decoded on its window
+        (:func:`decode_at_points`) and the window's logits are pasted into the image (``OUTSIDE_LOGIT`` elsewhere).
 
         Args:
             embedding: (C, h, w) or (1, C, h, w), from :meth:`encode`.
             point_coords: (Z, P, 2) float, (x, y) = (col, row) in input-image pixels.
             point_labels: (Z, P) int, 1 positive, 0 negative, -1 padding.
             input_size: (H, W) of the image before padding (default: image_size square).
-            low_res: return the decoder's native masks, (Z, 4h, 4w) cropped to the image (= H/4 for patch 16),
-                instead of upsampling to (H, W).
 
         Returns:
-            mask_logits (Z, H, W) (or low-res, see above) and iou_pred (Z,): the single-mask output (token 0).
+            mask_logits (Z, H, W) and iou_pred (Z,): the single-mask output (token 0).
         """
         if embedding.ndim == 3:
             embedding = embedding[None]
         if embedding.ndim != 4 or embedding.shape[0] != 1:
             raise ValueError(f"embedding must be (C, h, w) or (1, C, h, w), got {tuple(embedding.shape)}")
-        if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_labels.shape != point_coords.shape[:2]:
-            raise ValueError(
-                f"point_coords must be (Z, P, 2) and point_labels (Z, P); got {tuple(point_coords.shape)} and "
-                f"{tuple(point_labels.shape)}"
-            )
+        _check_prompts(point_coords, point_labels)
         H, W = input_size or (self.image_size, self.image_size)
-        s = self.mask_decoder_scale
-        out_h, out_w = (round(H * s), round(W * s)) if low_res else (H, W)
-        num = point_coords.shape[0]
-        if num == 0:  # empty outputs still tied to the graph, so a batch without nuclei can back-propagate
+        if point_coords.shape[0] == 0:  # empty outputs still tied to the graph, so a batch without nuclei can back-propagate
             tie = embedding.sum() * 0.0
-            return embedding.new_zeros((0, out_h, out_w)) + tie, embedding.new_zeros((0,)) + tie
+            return embedding.new_zeros((0, H, W)) + tie, embedding.new_zeros((0,)) + tie
+        if self.window_size < self.image_size:
+            logits, iou, offsets = decode_at_points(self, embedding[0], point_coords, point_labels)
+            return paste_windows(logits, offsets, (H, W)), iou
         low, iou = self._run_decoder(embedding, point_coords, point_labels)
-        if low_res:
-            return low[:, 0, :out_h, :out_w], iou[:, 0]
         masks = F.interpolate(low, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return masks[:, 0, :H, :W], iou[:, 0]
 
@@ -193,16 +206,17 @@ class Segmentor(nn.Module):
             point_labels: (Z, P) int, 1 positive, 0 negative, -1 padding.
 
         Returns:
-            mask_logits (Z, image_size, image_size) and iou_pred (Z,).
+            mask_logits (Z, window_size, window_size) and iou_pred (Z,).
         """
         if windows.ndim != 4 or tuple(windows.shape[-2:]) != self.embedding_size:
             raise ValueError(f"windows must be (Z, C, {self.embedding_size[0]}, {self.embedding_size[1]}), got {tuple(windows.shape)}")
-        num = windows.shape[0]
-        if num == 0:
-            return windows.new_zeros((0, self.image_size, self.image_size)), windows.new_zeros((0,))
+        size = self.window_size
+        if windows.shape[0] == 0:
+            tie = windows.sum() * 0.0
+            return windows.new_zeros((0, size, size)) + tie, windows.new_zeros((0,)) + tie
         low, iou = self._run_decoder(windows.new_zeros((1,) + tuple(windows.shape[1:])), point_coords, point_labels,
                                      per_prompt_embeddings=windows)
-        masks = F.interpolate(low, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        masks = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)
         return masks[:, 0], iou[:, 0]
 
     def _run_decoder(
@@ -246,20 +260,15 @@ class Segmentor(nn.Module):
             raise ValueError(f"images must be (B, 3, H, W) with H, W multiples of 32, got {tuple(images.shape)}")
         return self.image_encoder(self.normalise(images))
 
-    @property
-    def mask_decoder_scale(self) -> float:
-        """Low-res mask pixels per input pixel (4 * h / image_size; 1/4 for patch 16)."""
-        return 4 * self.embedding_size[0] / self.image_size
-
     def forward(
         self,
         images: torch.Tensor,
         point_coords: torch.Tensor,
         point_labels: torch.Tensor,
         prompt_valid: torch.Tensor | None = None,
-        low_res: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Masks for Z prompts on each of B images; the encoder runs once per image.
+        """Masks for Z prompts on each of B images, each on the window centred on its positive point; the encoder
+        runs once per image and the decoder once per image on all its prompts.
 
         Args:
             images: (B, 3, H, W) float RGB in [0, 255].
@@ -267,10 +276,10 @@ class Segmentor(nn.Module):
             point_labels: (B, Z, P) int, 1 positive, 0 negative, -1 padding.
             prompt_valid: optional (B, Z) bool; invalid (padding) prompts are not decoded and get logits 0 and
                 iou_pred 0 (:class:`scripts.segmentor_loss.SegmentorLoss` ignores them).
-            low_res: masks at the decoder's native resolution (B, Z, H/4, W/4 for patch 16).
 
         Returns:
-            ``{"mask_logits": (B, Z, H, W), "iou_pred": (B, Z)}``.
+            ``{"mask_logits": (B, Z, S, S), "iou_pred": (B, Z), "window_origins": (B, Z, 2)}``: S = window_size;
+            the origins are each window's top-left (x, y) in input px (all 0 when the window is the whole input).
         """
         B, Z = point_coords.shape[:2]
         if images.shape[0] != B or point_labels.shape[:2] != (B, Z):
@@ -278,20 +287,102 @@ class Segmentor(nn.Module):
                 f"batch mismatch: images {tuple(images.shape)}, point_coords {tuple(point_coords.shape)}, "
                 f"point_labels {tuple(point_labels.shape)}"
             )
-        H, W = images.shape[-2:]
         embeddings = self.encode(images)
-        masks, ious = [], []
+        if prompt_valid is None:
+            prompt_valid = torch.ones((B, Z), dtype=torch.bool, device=point_coords.device)
+        size = self.window_size
+        masks, ious, origins = [], [], []
         for b in range(B):
-            if prompt_valid is None:
-                m, i = self.decode(embeddings[b], point_coords[b], point_labels[b], (H, W), low_res)
-            else:
-                keep = prompt_valid[b].to(torch.bool)
-                m_v, i_v = self.decode(embeddings[b], point_coords[b][keep], point_labels[b][keep], (H, W), low_res)
-                m = m_v.new_zeros((Z,) + tuple(m_v.shape[1:])).index_put((keep,), m_v)
-                i = i_v.new_zeros((Z,)).index_put((keep,), i_v)
-            masks.append(m)
-            ious.append(i)
-        return {"mask_logits": torch.stack(masks), "iou_pred": torch.stack(ious)}
+            keep = prompt_valid[b].to(torch.bool)
+            m_v, i_v, o_v = decode_at_points(self, embeddings[b], point_coords[b][keep], point_labels[b][keep])
+            masks.append(m_v.new_zeros((Z, size, size)).index_put((keep,), m_v))
+            ious.append(i_v.new_zeros((Z,)).index_put((keep,), i_v))
+            origins.append(o_v.new_zeros((Z, 2)).index_put((keep,), o_v))
+        return {"mask_logits": torch.stack(masks), "iou_pred": torch.stack(ious), "window_origins": torch.stack(origins)}
+
+
+OUTSIDE_LOGIT = -1e4  # logit of the pixels outside a prompt's decoding window
+
+
+def _check_prompts(point_coords: torch.Tensor, point_labels: torch.Tensor) -> None:
+    if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_labels.shape != point_coords.shape[:2]:
+        raise ValueError(
+            f"point_coords must be (Z, P, 2) and point_labels (Z, P); got {tuple(point_coords.shape)} and "
+            f"{tuple(point_labels.shape)}"
+        )
+
+
+def window_origins(points: torch.Tensor, stride: int, grid: int, tokens: tuple[int, int]) -> torch.Tensor:
+    """(N, 2) int64 (x, y) token index of the top-left of each point's decoding window: ``grid`` x ``grid`` tokens
+    centred on the token holding the (x, y) px point, moved inside the (rows, cols) = ``tokens`` embedding."""
+    token = torch.div(points.float(), stride, rounding_mode="floor").long()
+    limits = torch.tensor([tokens[1] - grid, tokens[0] - grid], device=token.device)
+    return torch.minimum(torch.clamp(token - grid // 2, min=0), limits)
+
+
+def outside_as_padding(coords: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
+    """Labels with the negative prompts outside the ``size`` px square window (coords (x, y) px relative to its
+    top-left) turned into padding (-1): the decoder only sees points in its window."""
+    x, y = coords[..., 0], coords[..., 1]
+    outside = (x < 0) | (y < 0) | (x >= size) | (y >= size)
+    return torch.where(outside & (labels == 0), torch.full_like(labels, -1), labels)
+
+
+def decode_at_points(
+    segmentor: nn.Module, embedding: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode each prompt on the embedding window centred on its positive point (all prompts in one decoder call).
+
+    Args:
+        segmentor: a :class:`Segmentor` (or anything with ``embedding_size``, ``patch_size`` and
+            ``decode_windows``).
+        embedding: (C, h, w) image embedding of any size (at least the window's grid).
+        point_coords: (Z, P, 2) (x, y) px in the embedded image; point 0 of each prompt is its positive point.
+        point_labels: (Z, P) 1 positive, 0 negative, -1 padding; negatives outside the window become padding.
+
+    Returns:
+        mask_logits (Z, S, S) (S = window px), iou_pred (Z,), and each window's top-left (x, y) px (Z, 2) int64.
+    """
+    _check_prompts(point_coords, point_labels)
+    grid, stride = int(segmentor.embedding_size[0]), int(segmentor.patch_size)
+    if embedding.shape[-2] < grid or embedding.shape[-1] < grid:
+        raise ValueError(f"embedding {tuple(embedding.shape)} is smaller than the decoding window ({grid} tokens)")
+    origins = window_origins(point_coords[:, 0], stride, grid, tuple(embedding.shape[-2:]))
+    steps = torch.arange(grid, device=embedding.device)
+    rows = (origins[:, 1, None] + steps)[:, :, None]
+    cols = (origins[:, 0, None] + steps)[:, None, :]
+    windows = embedding[:, rows, cols].permute(1, 0, 2, 3)  # (Z, C, grid, grid)
+    offsets = origins * stride
+    local = point_coords - offsets[:, None, :].to(point_coords)
+    labels = outside_as_padding(local, point_labels, grid * stride)
+    logits, iou = segmentor.decode_windows(windows, local, labels)
+    return logits, iou, offsets
+
+
+def crop_windows(images: torch.Tensor, origins: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, size, size) crops of (N, H, W) ``images`` at (x, y) px top-left ``origins`` (N, 2); 0 outside the image."""
+    n, height, width = images.shape
+    steps = torch.arange(size, device=images.device)
+    rows = (origins[:, 1, None].to(images.device) + steps)[:, :, None]
+    cols = (origins[:, 0, None].to(images.device) + steps)[:, None, :]
+    inside = (rows < height) & (cols < width)
+    crops = images[torch.arange(n, device=images.device)[:, None, None], rows.clamp(max=height - 1),
+                   cols.clamp(max=width - 1)]
+    return torch.where(inside, crops, torch.zeros((), dtype=images.dtype, device=images.device))
+
+
+def paste_windows(logits: torch.Tensor, origins: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) image-sized logits from (N, S, S) window logits at (x, y) px top-left ``origins`` (N, 2);
+    ``OUTSIDE_LOGIT`` outside each window."""
+    n, size = logits.shape[0], logits.shape[-1]
+    height, width = shape
+    pad_h, pad_w = max(height, int(origins[:, 1].max()) + size), max(width, int(origins[:, 0].max()) + size)
+    canvas = logits.new_full((n, pad_h, pad_w), OUTSIDE_LOGIT)
+    steps = torch.arange(size, device=logits.device)
+    rows = (origins[:, 1, None].to(logits.device) + steps)[:, :, None]
+    cols = (origins[:, 0, None].to(logits.device) + steps)[:, None, :]
+    canvas[torch.arange(n, device=logits.device)[:, None, None], rows, cols] = logits
+    return canvas[:, :height, :width]
 
 
 def build_segmentor(
@@ -330,13 +421,19 @@ def build_segmentor(
     spec = dataclasses.replace(SEGMENTOR_VARIANTS[variant], **overrides)
     if image_size % spec.patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {spec.patch_size}")
-    grid = image_size // spec.patch_size
+    window = spec.decoder_window or image_size
+    if window % spec.patch_size or not 0 < window <= image_size:
+        raise ValueError(
+            f"decoder_window {spec.decoder_window} must be a multiple of patch_size {spec.patch_size} and at most "
+            f"image_size {image_size} (0: the whole input)"
+        )
+    grid = window // spec.patch_size
 
     image_encoder = _build_image_encoder(spec, image_size)
     prompt_encoder = PromptEncoder(
         embed_dim=spec.prompt_dim,
         image_embedding_size=(grid, grid),
-        input_image_size=(image_size, image_size),
+        input_image_size=(window, window),
         mask_in_chans=16,
     )
     mask_decoder = MaskDecoder(
@@ -519,4 +616,27 @@ def load_segmentor_checkpoint(
     state = {k.removeprefix("module."): v for k, v in state.items()}
     _check_state_dict(state, model, str(path))
     model.load_state_dict(state, strict=True)
+    return model
+
+
+def warm_start(model: Segmentor, checkpoint: str | Path | None) -> Segmentor:
+    """Initialise ``model`` from another of our segmentor checkpoints where names and shapes agree (MONAI's
+    ``copy_model_state``): e.g. a stride-8 model from a stride-16 one (backbone, neck, prompt encoder and mask
+    decoder carry over; the finer stages' projections start fresh). None: the model unchanged.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: nothing at all could be copied (not a segmentor checkpoint).
+    """
+    if checkpoint is None:
+        return model
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"segmentor init_checkpoint not found: {checkpoint}")
+    payload = _torch_load(checkpoint)
+    state = next((payload[k] for k in _STATE_KEYS if isinstance(payload.get(k), Mapping)), payload)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    _, copied, skipped = copy_model_state(model, state, inplace=True)
+    if not copied:
+        raise ValueError(f"init_checkpoint {checkpoint}: no parameter matches the segmentor's names and shapes")
+    logger.info(f"warm start from {checkpoint}: {len(copied)} tensors copied, {len(skipped)} kept fresh"
+                + (f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})" if skipped else ""))
     return model

@@ -17,6 +17,7 @@ from ignite.engine import Engine, Events
 from monai.engines import IterationEvents
 
 from scripts.instances import masks_to_instances
+from scripts.segmentor_net import crop_windows
 
 logger = get_logger("scripts.training")
 
@@ -91,10 +92,17 @@ class PrompterObjective(LossWithTerms):
 
 
 class SegmentorObjective(LossWithTerms):
-    """:class:`scripts.segmentor_loss.SegmentorLoss` on the targets of :class:`SegmentorBatch`."""
+    """:class:`scripts.segmentor_loss.SegmentorLoss` on the targets of :class:`SegmentorBatch`, each target mask
+    cropped to its prompt's decoding window (``pred["window_origins"]``, when the segmentor gives them)."""
 
     def terms(self, pred: dict, targets: dict) -> dict[str, torch.Tensor]:
-        return self.loss(pred["mask_logits"], pred["iou_pred"], targets["masks"], targets["valid"])
+        masks = targets["masks"]
+        logits = pred["mask_logits"]
+        if "window_origins" in pred:
+            batch, prompts = masks.shape[:2]
+            crops = crop_windows(masks.flatten(0, 1), pred["window_origins"].flatten(0, 1), logits.shape[-1])
+            masks = crops.view(batch, prompts, *crops.shape[-2:])
+        return self.loss(logits, pred["iou_pred"], masks, targets["valid"])
 
 
 class LossTermsHandler:
