@@ -5,7 +5,8 @@ for every method), on the images the default training held out (``--subset val``
 ``configs/train_default.json``, each dataset folder split on its own, ``val_fraction`` 0.2, seed 0):
 
 - MoNuSeg held-out images at 40x (their native 0.25 µm/px) and resampled to 20x (``--scale 0.5``: a
-  magnification the model was not trained at);
+  magnification the model was not trained at), as they are and with ``--pipeline#input_scale 2`` (the user states
+  the magnification and the pipeline resamples to 40x);
 - CoNSeP held-out 256 px tiles (typed: mPQ and per-class PQ too).
 
 Methods: PromptNucSeg (the model, automatic prompts), the same segmentor prompted by the ground-truth points
@@ -33,7 +34,7 @@ from machine import cpu_name  # noqa: E402
 
 SETS = {
     "MoNuSeg held-out, 40x": {"folder": "monuseg_train", "scale": 1.0},
-    "MoNuSeg held-out, 20x": {"folder": "monuseg_train", "scale": 0.5},
+    "MoNuSeg held-out, 20x": {"folder": "monuseg_train", "scale": 0.5, "input_scale": 2.0},
     "CoNSeP held-out tiles, 40x": {"folder": "consep_train", "scale": 1.0},
 }
 METHODS = {
@@ -74,7 +75,8 @@ def markdown(results: dict, model: Path, command: str) -> str:
         f"Command: `{command}` ({datetime.fromtimestamp(model.stat().st_mtime):%Y-%m-%d} model, {cpu_name()}). Model: `{model.relative_to(REPO) if model.is_relative_to(REPO) else model}`.",
         "Images the training never saw: the default training's validation split (MoNuSeg: 3 of the 13 shared",
         "images; CoNSeP: 5 of its 27 images = 80 tiles), scored by `configs/evaluate.json` (definitions in",
-        "[metrics.md](metrics.md)). The 20x rows resample the same MoNuSeg images to half size.",
+        "[metrics.md](metrics.md)). The 20x rows resample the same MoNuSeg images to half size; with",
+        "`--pipeline#input_scale 2` the pipeline is told the magnification and resamples them back to the model's 40x.",
         "",
         "| data | method | PQ | DQ | SQ | AJI | AJI+ | F1 det. | nuclei (true / predicted) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -127,7 +129,11 @@ def main() -> None:
     results: dict[str, dict] = {}
     for set_name, spec in SETS.items():
         results[set_name] = {}
-        for method, method_args in METHODS.items():
+        methods = dict(METHODS)
+        if "input_scale" in spec:  # the user says the magnification: the pipeline resamples to the model's 40x
+            methods[f"PromptNucSeg, input_scale {spec['input_scale']:g} (resampled to 40x)"] = [
+                *METHODS["PromptNucSeg (this model)"], "--pipeline#input_scale", str(spec["input_scale"])]
+        for method, method_args in methods.items():
             out = Path(args.work) / f"{spec['folder']}_{spec['scale']}_{method_args[1]}_{method_args[-1]}"
             if args.report_only:
                 results[set_name][method] = json.loads((out / "metrics.json").read_text())

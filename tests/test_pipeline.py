@@ -80,3 +80,34 @@ def test_segment_with_a_decoding_window_smaller_than_the_tile():
         x, y = points[prompt].tolist()
         # the window: 8 tokens of 8 px centred on the point's token, moved inside the (canvas) embedding
         assert (np.abs(cols[inside] + 0.5 - x) <= 64).all() and (np.abs(rows[inside] + 0.5 - y) <= 64).all()
+
+
+def test_input_scale_resamples_the_image_and_maps_the_outputs_back():
+    """input_scale 2 (a 20x image for a 40x model): the networks see the image at twice the size; the instance map
+    comes back at the input's size (an instance too small to keep a pixel is dropped, ids stay contiguous), points
+    are scaled back about pixel centres, and given prompts are scaled up first."""
+    from torch import nn
+
+    class Recorder(PromptNucSeg):
+        def _run(self, image, prompts):
+            self.seen = (tuple(image.shape[-2:]), None if prompts is None else prompts["points"].clone())
+            inst = torch.zeros(image.shape[-2:], dtype=torch.int32)
+            inst[0:20, 0:20] = 1  # 10 x 10 px at the input's resolution
+            inst[40, 40] = 2  # one resampled pixel (even row and column): no input pixel samples it
+            inst[60:80, 40:60] = 3
+            return {"inst_map": inst, "type_map": inst.clamp(max=1), "points": torch.tensor([[9.5, 9.5], [41.0, 41.0],
+                    [49.5, 69.5]]), "classes": torch.tensor([1, 2, 3]), "scores": torch.tensor([0.9, 0.8, 0.7]),
+                    "ious": torch.tensor([0.5, 0.6, 0.7])}
+
+    network = Recorder(nn.Identity(), nn.Identity(), input_scale=2.0)
+    out = network(torch.rand(3, 50, 60) * 255, {"points": torch.tensor([[4.5, 4.5]]), "classes": torch.tensor([1]),
+                                               "scores": torch.tensor([1.0])})
+    assert network.seen[0] == (100, 120)
+    assert network.seen[1].tolist() == [[9.5, 9.5]]  # (4.5 + 0.5) * 2 - 0.5
+    assert out["inst_map"].shape == (50, 60)
+    assert sorted(torch.unique(out["inst_map"]).tolist()) == [0, 1, 2]
+    assert int((out["inst_map"] == 1).sum()) == 100 and int((out["inst_map"] == 2).sum()) == 100
+    assert out["points"].tolist() == [[4.5, 4.5], [24.5, 34.5]] and out["classes"].tolist() == [1, 3]
+    assert out["type_map"][35, 25] == 3 and out["ious"].tolist() == pytest.approx([0.5, 0.7])
+    with pytest.raises(ValueError, match="input_scale"):
+        PromptNucSeg(nn.Identity(), nn.Identity(), input_scale=0)
