@@ -8,7 +8,8 @@ Every step goes through the bundle's own commands (``training`` with ``--num_neg
     python benchmarks/ablation_negative_prompts.py [--epochs 150] [--size 128] [--k_train 0 1 2] [--k_test 0 1 2]
         [--stride 16] [--work /tmp/ablation_neg] [--out docs/benchmarks/negative_prompts.md]
 
-``--stride 8`` gives the segmentor's convolutional encoder a 2x finer token grid (the token-resolution study).
+``--stride 8`` gives the segmentor's convolutional encoder a 2x finer token grid (the token-resolution study);
+``--window 64`` decodes each prompt on the 64 px window centred on it (with ``--stride 4``: 16x16 tokens, 1 px masks).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--k_train", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--k_test", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--stride", type=int, default=16, choices=(8, 16), help="segmentor token stride in px")
+    parser.add_argument("--stride", type=int, default=16, choices=(4, 8, 16), help="segmentor token stride in px")
+    parser.add_argument("--window", type=int, default=0,
+                        help="segmentor decoding window in px (0: the whole image, as SAM)")
     parser.add_argument("--variant", default="conv_small", help="segmentor variant (conv_small or vit_tiny)")
     parser.add_argument("--work", default="/tmp/ablation_neg")
     parser.add_argument("--report_only", action="store_true",
@@ -73,7 +76,8 @@ def main() -> None:
         command_file.write_text(" ".join(["python benchmarks/ablation_negative_prompts.py", *sys.argv[1:]]))
     start_machine = machine()
     results, seconds = {}, {}
-    overrides = {"prompt_dim": 128, "decoder_mlp_dim": 512, "decoder_heads": 4, "patch_size": args.stride}
+    overrides = {"prompt_dim": 128, "decoder_mlp_dim": 512, "decoder_heads": 4, "patch_size": args.stride,
+                 "decoder_window": args.window}
     if args.variant != "conv_small":  # a ViT encoder at 128 px: window 8 divides its 8x8 (stride 16) token grid
         overrides["window_size"] = 128 // args.stride
     seconds_file = work / "training_seconds.json"
@@ -97,9 +101,10 @@ def main() -> None:
     command = command_file.read_text().strip() if command_file.is_file() else "python benchmarks/ablation_negative_prompts.py"
     lines = [
         "# Negative prompts: K in training and in testing (oracle prompts)"
-        if (args.stride, args.variant) == (16, "conv_small") else
-        f"# Segmentor {args.variant}, token stride {args.stride} px (oracle prompts; compare with the conv_small "
-        "stride-16 rows of negative_prompts.md)",
+        if (args.stride, args.variant, args.window) == (16, "conv_small", 0) else
+        f"# Segmentor {args.variant}, token stride {args.stride} px"
+        + (f", {args.window} px decoding window" if args.window else "")
+        + " (oracle prompts; compare with the conv_small stride-16 rows of negative_prompts.md)",
         "",
         f"Command: `{command}`.",
         f"Machine: {start_machine} (start); {machine()} (end)." if not args.report_only else

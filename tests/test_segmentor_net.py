@@ -360,6 +360,11 @@ def test_decoder_window_decodes_each_prompt_on_its_centred_window():
     torch.testing.assert_close(out["mask_logits"][0], logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="decoder_window"):
         build_segmentor("conv_small", image_size=256, patch_size=8, decoder_window=100)
+    fine = build_segmentor("conv_small", image_size=128, patch_size=4, decoder_window=64, prompt_dim=32,
+                           decoder_mlp_dim=64, decoder_heads=2)
+    assert fine.encode(torch.rand(1, 3, 128, 128)).shape == (1, 32, 32, 32) and fine.embedding_size == (16, 16)
+    with pytest.raises(ValueError, match="stride must be"):
+        build_segmentor("conv_small", image_size=128, patch_size=32)
 
 
 def test_crop_and_paste_windows_are_inverse_inside_the_image():

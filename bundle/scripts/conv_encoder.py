@@ -3,7 +3,7 @@
 SAM's decoder takes a (B, 256, H/16, W/16) image embedding. A ViT trained from scratch on a 2-core CPU learns
 nucleus shape slowly (``shared/notes/cpu-training-findings.md``); a small CNN reaches a usable embedding in a few
 hundred steps. This encoder runs one of the prompter's backbones (:data:`scripts.prompter_net.BACKBONES`) and fuses
-its four stages at stride 16 (or 8), the finer ones by a space-to-depth projection so that sub-token detail
+its four stages at stride 16 (or 8, or 4), the finer ones by a space-to-depth projection so that sub-token detail
 (nucleus boundaries at 4 px) is kept in the channels; the neck is SAM's (1x1 conv, LayerNorm, 3x3 conv, LayerNorm).
 """
 
@@ -25,14 +25,15 @@ class ConvImageEncoder(nn.Module):
         pretrained: optional local weights file of the backbone.
         fuse_chans: channels of each stage's projection before the neck.
         out_chans: embedding channels (SAM: 256).
-        stride: pixels per embedding cell, 16 (SAM's grid) or 8 (4x the tokens: masks at 2 px instead of 4 px).
+        stride: pixels per embedding cell, 16 (SAM's grid), 8 (4x the tokens: masks at 2 px instead of 4 px) or 4
+            (masks at 1 px; pair it with a small ``decoder_window``).
     """
 
     def __init__(self, backbone: str = "resnet_small", pretrained: str | None = None, fuse_chans: int = 128,
                  out_chans: int = 256, stride: int = 16) -> None:
         super().__init__()
-        if stride not in (8, 16):
-            raise ValueError(f"stride must be 8 or 16, got {stride}")
+        if stride not in (4, 8, 16):
+            raise ValueError(f"stride must be 4, 8 or 16, got {stride}")
         self.backbone = build_backbone(backbone, pretrained)
         self.stride = stride
         # each stage (strides 4, 8, 16, 32) is brought to `stride`: space-to-depth when finer, upsampled when coarser

@@ -52,7 +52,7 @@ class SegmentorSpec:
         decoder_depth, decoder_mlp_dim, decoder_heads: the mask decoder's two-way transformer.
         encoder: ``"vit"`` (segment-anything's ``ImageEncoderViT``) or ``"conv"``
             (:class:`scripts.conv_encoder.ConvImageEncoder`, same embedding shape; the ViT fields are unused and
-            ``patch_size`` (16 or 8) is the encoder's output stride).
+            ``patch_size`` (16, 8 or 4) is the encoder's output stride).
         conv_backbone: the CNN of the ``"conv"`` encoder (a key of ``scripts.prompter_net.BACKBONES``).
         decoder_window: side in px of the embedding window the mask decoder sees around each prompt (a multiple of
             ``patch_size``, at most the input size); 0 = the whole input (SAM). A window smaller than the input
