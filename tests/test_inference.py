@@ -391,6 +391,30 @@ def test_slide_at_level1_gives_level0_coordinates(small_slide_file, model_file, 
     assert overlay.shape == (512, 512, 3)  # thumbnail of the level read (<= 2048 px)
 
 
+def test_slide_coarser_than_asked_is_enlarged_for_the_model(small_slide_file, model_file, model, tmp_path):
+    """``--slide#mpp 0.125`` on a 0.25 µm/px slide: level 0 is read and each tile enlarged 2x for the model (what a
+    40x model needs on a 20x slide); with one tile covering the slide, the same nuclei as the network called with
+    ``input_scale=2``, in level-0 px."""
+    out = tmp_path / "out"
+    log = run_bundle("inference", "configs/inference.json", "--input_file", str(small_slide_file), "--output_dir",
+                     str(out), "--model_path", str(model_file), *THREADS, "--slide#mpp", "0.125",
+                     "--slide#tile_size", "1024", timeout=600)
+    assert "enlarged x2.00" in log.stdout
+    rows, _ = check_table_and_geojson(out / "small.csv", out / "small.geojson", (1024, 1024))
+    with wsi.open_slide(small_slide_file) as slide:
+        level0 = wsi.read_level_region(slide, 0, 0, 0, 1024, 1024)
+    result = model(image_tensor(level0), input_scale=2.0)
+    assert len(rows) == len(result["classes"]) > 0
+    got = sorted((round(float(r["centroid_x"])), round(float(r["centroid_y"]))) for r in rows)
+    inst = result["inst_map"].numpy()
+    n = len(rows) + 1
+    rr, cc = np.indices(inst.shape)
+    area = np.bincount(inst.ravel(), minlength=n)
+    expected = sorted(zip(np.round(np.bincount(inst.ravel(), cc.ravel(), minlength=n)[1:] / area[1:]).astype(int),
+                          np.round(np.bincount(inst.ravel(), rr.ravel(), minlength=n)[1:] / area[1:]).astype(int)))
+    assert got == [tuple(map(int, e)) for e in expected]
+
+
 # ------------------------------------------------------------------------------------------------ trained model
 @pytest.mark.slow
 def test_trained_model_nuclei_lie_in_tissue_and_glass_has_none(trained_model_path, slide_file, tmp_path):

@@ -111,3 +111,6 @@ def test_input_scale_resamples_the_image_and_maps_the_outputs_back():
     assert out["type_map"][35, 25] == 3 and out["ious"].tolist() == pytest.approx([0.5, 0.7])
     with pytest.raises(ValueError, match="input_scale"):
         PromptNucSeg(nn.Identity(), nn.Identity(), input_scale=0)
+    network = Recorder(nn.Identity(), nn.Identity())  # a call's own input_scale (whole slides coarser than asked)
+    network(torch.rand(3, 50, 60) * 255, input_scale=2.0)
+    assert network.seen == ((100, 120), None)

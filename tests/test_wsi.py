@@ -12,6 +12,7 @@ from skimage.transform import downscale_local_mean
 import scripts.wsi as wsi
 from scripts.wsi import (
     choose_level,
+    level_upsampling,
     iter_tiles,
     open_slide,
     read_region,
@@ -67,6 +68,9 @@ def test_choose_level(slide_path, tmp_path):
         assert choose_level(slide) == 0
         assert [choose_level(slide, mpp=m) for m in (0.25, 0.3, 0.5, 0.55, 1.0, 4.0)] == [0, 0, 1, 1, 2, 2]
         assert choose_level(slide, mpp=0.1) == 0  # coarser slide than asked: level 0, with a warning
+        assert level_upsampling(slide, 0, 0.1) == pytest.approx(2.5)  # ... and its tiles enlarged 2.5x
+        assert [level_upsampling(slide, lv, m) for lv, m in ((0, 0.25), (0, 0.5), (1, 0.5), (0, None))] == [1, 1, 1, 1]
+        assert level_upsampling(slide, 1, 0.25) == pytest.approx(2.0)
         assert choose_level(slide, level=2) == 2
         with pytest.raises(ValueError, match="level=3"):
             choose_level(slide, level=3)

@@ -48,7 +48,8 @@ class InferenceFailures(RuntimeError):
 
 @dataclass
 class SlideOptions:
-    """Whole-slide settings: the level read (by ``mpp`` µm/px or ``level``), tile size/overlap in that level's
+    """Whole-slide settings: the level read (by ``mpp`` µm/px or ``level``; a slide coarser than ``mpp`` is read at
+    level 0 and its tiles enlarged to ``mpp`` for the model: 0.25 for the default 40x model), tile size/overlap in that level's
     px (an overlap of twice the segmentor's half window keeps every nucleus centred in its decoding window), the
     tissue mask threshold, the reader backend, and the longest side of the overlay thumbnail (px)."""
 
@@ -208,6 +209,10 @@ def segment_slide(network: PromptNucSeg, path: Path, output_dir: Path, class_tab
     with wsi.open_slide(path, backend=options.backend) as slide:
         level = wsi.choose_level(slide, mpp=options.mpp, level=options.level)
         info = slide.levels[level]
+        upsampling = wsi.level_upsampling(slide, level, options.mpp)
+        if upsampling != 1.0:
+            logger.info("%s: level %d is coarser than the %.3f um/px asked; tiles are enlarged x%.2f for the model",
+                        path, level, options.mpp, upsampling)
         mask = wsi.tissue_mask(slide)
         tiles = wsi.iter_tiles(slide, level, options.tile_size, options.tile_overlap, mask,
                                options.min_tissue_fraction)
@@ -223,7 +228,7 @@ def segment_slide(network: PromptNucSeg, path: Path, output_dir: Path, class_tab
             for tile in tqdm(tiles, desc=stem, unit="tile"):
                 core = cores[(tile.x, tile.y)]
                 inst_map, type_map, table, polygons = _segment_slide_tile(network, tile, core, info, class_table,
-                                                                          count)
+                                                                          count, upsampling)
                 geo.add(polygons, table)
                 csv_out.add(table)
                 _paint_thumbnail(thumb_inst, thumb_type, inst_map, type_map, tile.x, tile.y, thumb_scale)
@@ -235,9 +240,10 @@ def segment_slide(network: PromptNucSeg, path: Path, output_dir: Path, class_tab
 
 
 def _segment_slide_tile(network: PromptNucSeg, tile: Any, core: Any, info: Any, class_table: dict[int, dict],
-                        first_id: int) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
-    """Nuclei of one slide tile whose prompt lies in its core, with slide-unique ids from ``first_id + 1``."""
-    result = network(image_tensor(tile.image))
+                        first_id: int, upsampling: float = 1.0) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
+    """Nuclei of one slide tile whose prompt lies in its core, with slide-unique ids from ``first_id + 1``;
+    ``upsampling`` > 1 enlarges the tile for the model (a slide coarser than the mpp asked)."""
+    result = network(image_tensor(tile.image), input_scale=upsampling if upsampling != 1.0 else None)
     points = result["points"]
     core_points = points + torch.tensor([tile.x, tile.y], dtype=torch.float32)
     keep = core.core_holds(core_points).numpy()

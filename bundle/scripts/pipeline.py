@@ -148,13 +148,15 @@ class PromptNucSeg(nn.Module):
         return int(self.segmentor.image_size)
 
     @torch.no_grad()
-    def forward(self, image: torch.Tensor, prompts: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, prompts: dict[str, torch.Tensor] | None = None,
+                input_scale: float | None = None) -> dict[str, torch.Tensor]:
         """Segment every nucleus of one image.
 
         Args:
             image: (3, H, W) or (1, 3, H, W) float RGB in [0, 255].
             prompts: optional given prompts ``{points (N, 2) (x, y) px, classes (N,), scores (N,)}`` (e.g. the
                 ground truth, or a user's clicks); by default the prompter finds them.
+            input_scale: this call's resampling factor (default: the pipeline's ``input_scale``).
 
         Returns:
             ``inst_map`` (H, W) int32 (0 = background, ids 1..M), ``type_map`` (H, W) int32 (0 = background),
@@ -162,8 +164,11 @@ class PromptNucSeg(nn.Module):
             ``ious`` (M,) predicted IoU; row i describes instance id i + 1.
         """
         image = self._check_image(image)
-        if self.input_scale != 1.0:
-            return self._rescaled(image, prompts)
+        scale = self.input_scale if input_scale is None else float(input_scale)
+        if not scale > 0:
+            raise ValueError(f"input_scale must be > 0, got {scale}")
+        if scale != 1.0:
+            return self._rescaled(image, prompts, scale)
         return self._run(image, prompts)
 
     def _run(self, image: torch.Tensor, prompts: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -184,9 +189,9 @@ class PromptNucSeg(nn.Module):
             "ious": ious,
         }
 
-    def _rescaled(self, image: torch.Tensor, prompts: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """:meth:`forward` on the image resampled by ``input_scale``, outputs mapped back to the input's pixels."""
-        scale = self.input_scale
+    def _rescaled(self, image: torch.Tensor, prompts: dict[str, torch.Tensor] | None, scale: float
+                  ) -> dict[str, torch.Tensor]:
+        """:meth:`forward` on the image resampled by ``scale``, outputs mapped back to the input's pixels."""
         height, width = image.shape[-2:]
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         resampled = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1)[0]

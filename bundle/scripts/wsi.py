@@ -197,6 +197,16 @@ def choose_level(slide: Slide, mpp: float | None = None, level: int | None = Non
     return max(fine_enough)
 
 
+def level_upsampling(slide: Slide, level: int, mpp: float | None, rtol: float = 0.1) -> float:
+    """How much to enlarge ``level`` to reach ``mpp`` µm/px: its mpp / ``mpp`` when it is coarser than
+    ``mpp * (1 + rtol)`` (e.g. 2.0 for a 20x slide, 0.5 µm/px, segmented by a 40x model, 0.25 µm/px), else 1."""
+    if mpp is None or slide.levels[level].mpp_x is None:
+        return 1.0
+    info = slide.levels[level]
+    level_mpp = (info.mpp_x + info.mpp_y) / 2
+    return level_mpp / mpp if level_mpp > mpp * (1 + rtol) else 1.0
+
+
 # ----------------------------------------------------------------------------------------------- reading
 def _tiff_window(page: tifffile.TiffPage, lock: threading.Lock, x: int, y: int, w: int, h: int) -> np.ndarray:
     """Pixels [y, y+h) x [x, x+w) (inside the page) of an RGB(A) page, decoding only the tiles/strips overlapping."""
