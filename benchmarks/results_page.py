@@ -4,12 +4,19 @@
 ``ablation_negative_prompts.py`` -> ``docs/benchmarks/negative_prompts.md`` (linked). Sections missing on disk are
 listed as not yet measured, never invented.
 
-    .venv/bin/python benchmarks/results_page.py
+    .venv/bin/python benchmarks/results_page.py [--demo_dir demo_output]
+
+``--demo_dir`` (the output of ``make demo``) first redraws ``docs/results/demo_overlay.png`` from the overlays of
+the two held-out sample tiles, side by side.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SECTIONS = [
@@ -29,7 +36,32 @@ LINKED = [
 ]
 
 
+HELD_OUT_SAMPLES = ("TCGA-CH-5767-01Z-00-DX1_x300_y600", "TCGA-E2-A1B5-01Z-00-DX1_x400_y400")
+
+
+def demo_figure(demo_dir: Path, out: Path, gap: int = 8) -> Path:
+    """The overlays ``<stem>_overlay.png`` of the held-out sample tiles side by side, ``gap`` px of white between."""
+    overlays = []
+    for stem in HELD_OUT_SAMPLES:
+        path = demo_dir / f"{stem}_overlay.png"
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: run `make demo` first")
+        overlays.append(np.asarray(Image.open(path).convert("RGB")))
+    height = max(o.shape[0] for o in overlays)
+    spacer = np.full((height, gap, 3), 255, np.uint8)
+    row = [overlays[0]]
+    for overlay in overlays[1:]:
+        row += [spacer, overlay]
+    Image.fromarray(np.concatenate(row, axis=1)).save(out)
+    return out
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo_dir", default=None, help="make demo's output folder: redraw the overlay figure")
+    args = parser.parse_args()
+    if args.demo_dir:
+        print(f"written: {demo_figure(Path(args.demo_dir), DOCS / 'results' / 'demo_overlay.png')}")
     parts = [
         "# Results",
         "",
