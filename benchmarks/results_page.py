@@ -27,6 +27,7 @@ LINKED = [
     ("benchmarks/negative_prompts.md", "negative prompts K = 0/1/2 in training and testing (synthetic, oracle prompts)"),
     ("benchmarks/inference_ablation.md", "mask-aided filtering on/off and K = 0/1/2 at test time (shipped model, real data)"),
     ("benchmarks/token_stride.md", "segmentor token stride 16 vs 8 (synthetic, oracle prompts)"),
+    ("benchmarks/token_stride_4.md", "segmentor token stride 4 with a 64 px decoding window (synthetic, oracle prompts)"),
     ("benchmarks/vit_tiny_encoder.md", "segmentor encoder vit_tiny vs conv_small (synthetic, oracle prompts)"),
     ("benchmarks/prompter_ablation.md", "prompter auxiliary head and mask-aided filtering (synthetic)"),
     ("benchmarks/segmentor.md", "segmentor variants: encoder and decoder cost"),

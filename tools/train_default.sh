@@ -5,7 +5,8 @@
 # curves: MLflow store bundle/runs/default/mlflow.db.
 # Segmentor stage 2: `tools/train_default.sh s8` fine-tunes the segmentor with 8 px tokens and a 128 px decoding
 # window (configs/train_default_s8.json), starting from stage 1's best checkpoint (runs/default/segmentor/best.pt;
-# the shipped model's stage 1 was stopped at epoch 66 of 100, its best was epoch 58). Then export:
+# the shipped model's stage 1 was stopped at epoch 66 of 100, its best was epoch 58). `tools/train_default.sh s4`:
+# stage 3, 4 px tokens and a 96 px window (configs/train_default_s4.json), from stage 2's best. Then export:
 #   cd bundle && python -c "from scripts.export import export_model; export_model('runs/default/prompter/best.pt',
 #       'runs/default/segmentor_s8/best.pt', 'models/model.pt', half=True)"
 set -euo pipefail
@@ -15,11 +16,11 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MLFLOW_DISABLE_TELEMETRY=true
 export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647  # glibc: keep freed memory (25-45 % faster here)
 PY=${PY:-../.venv/bin/python}
 CFG="['configs/train.json','configs/train_default.json']"
-if [ "${1:-}" = s8 ]; then
-  CFG_S8="['configs/train.json','configs/train_default.json','configs/train_default_s8.json']"
-  nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$CFG_S8" \
-    --stage segmentor --tracking mlflow --run_name default-segmentor-s8 >> runs/default/segmentor_s8.log 2>&1 &
-  echo "segmentor stage 2 in the background; log in bundle/runs/default/segmentor_s8.log"
+if [ "${1:-}" = s8 ] || [ "${1:-}" = s4 ]; then  # segmentor stage 2 (8 px tokens) or 3 (4 px tokens)
+  STAGE_CFG="['configs/train.json','configs/train_default.json','configs/train_default_$1.json']"
+  nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$STAGE_CFG" \
+    --stage segmentor --tracking mlflow --run_name "default-segmentor-$1" >> "runs/default/segmentor_$1.log" 2>&1 &
+  echo "segmentor stage $1 in the background; log in bundle/runs/default/segmentor_$1.log"
   exit 0
 fi
 nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$CFG" --stage prompter \
