@@ -117,7 +117,7 @@ def main() -> None:
         "",
         f"Input {args.image_size} px; encoder on one tile (batch 1); decoder = prompt encoder + mask decoder batched "
         "over all prompts of one tile (1 positive + 1 negative point each, each prompt on the embedding window "
-        "centred on it, single-mask output upsampled to the window's px). Median of {args.repeats} runs after one warm-up, the fastest run in brackets (less "
+        f"centred on it, single-mask output upsampled to the window's px). Median of {args.repeats} runs after one warm-up, the fastest run in brackets (less "
         "sensitive to other processes). Decoder columns: milliseconds per prompt = seconds per batched call / "
         "prompts. Random weights (speed does not depend on them).",
         "",
