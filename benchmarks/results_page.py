@@ -83,7 +83,11 @@ def main() -> None:
     if (DOCS / "results" / "curves.png").is_file():
         parts += ["## Training curves of the shipped model", "",
                   "Validation oracle PQ of the segmentor and detection F1 of the prompter per epoch (MLflow store of the "
-                  "default training, `scripts/compare_runs.py --plot`).", "", "![validation curves](results/curves.png)", ""]
+                  "default training, `scripts/compare_runs.py --plot`; a run resumed after an interruption is a new "
+                  "run of the same name). The segmentor's stages: `default-segmentor` (16 px tokens), "
+                  "`default-segmentor-s8` (8 px tokens on 128 px windows, started from the former's epoch 58; the "
+                  "shipped segmentor is its epoch 24), `default-segmentor-s4` (4 px tokens, the next stage, in "
+                  "progress).", "", "![validation curves](results/curves.png)", ""]
     parts += ["## Further measurements", ""]
     for page, what in LINKED:
         if (DOCS / page).is_file():
