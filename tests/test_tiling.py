@@ -44,6 +44,7 @@ class DarkDiskSegmentor(nn.Module):
         super().__init__()
         self.image_size, self.threshold, self.radius = image_size, threshold, radius
         self.embedding_size = (image_size, image_size)
+        self.patch_size = 1
         self.anchor = nn.Parameter(torch.zeros(1))  # the pipeline asks its parameters for the device
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

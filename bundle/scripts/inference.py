@@ -243,7 +243,8 @@ def _segment_slide_tile(network: PromptNucSeg, tile: Any, core: Any, info: Any, 
                         first_id: int, upsampling: float = 1.0) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
     """Nuclei of one slide tile whose prompt lies in its core, with slide-unique ids from ``first_id + 1``;
     ``upsampling`` > 1 enlarges the tile for the model (a slide coarser than the mpp asked)."""
-    result = network(image_tensor(tile.image), input_scale=upsampling if upsampling != 1.0 else None)
+    image = image_tensor(tile.image)
+    result = network(image) if upsampling == 1.0 else network(image, input_scale=upsampling)
     points = result["points"]
     core_points = points + torch.tensor([tile.x, tile.y], dtype=torch.float32)
     keep = core.core_holds(core_points).numpy()
