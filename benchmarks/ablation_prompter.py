@@ -26,6 +26,7 @@ sys.path.insert(0, str(BUNDLE))
 
 from bundle_cli import bundle  # noqa: E402
 from machine import cpu_name  # noqa: E402
+from quality import cells  # noqa: E402
 from scripts.checkpoints import load_checkpoint  # noqa: E402
 from scripts.nucleus_metrics import NucleusDetectionMetric  # noqa: E402
 from scripts.points import instance_points  # noqa: E402
@@ -93,7 +94,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for aux, mask_filter, m, seconds in rows:
-        figures = " | ".join("–" if m[k] is None else f"{m[k]:.3f}" for k in ("precision_det", "recall_det", "f1_det"))
+        figures = cells(m, ("precision_det", "recall_det", "f1_det"))
         lines.append(f"| {'on' if aux else 'off'} | {'on' if mask_filter else 'off'} | {figures} | {seconds:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -139,9 +139,7 @@ class PromptNucSeg(nn.Module):
         self.encoder_batch = encoder_batch
         self.encoder_tile_size = encoder_tile_size
         self.whole_image_encoder = whole_image_encoder
-        if not input_scale > 0:
-            raise ValueError(f"input_scale must be > 0, got {input_scale}")
-        self.input_scale = float(input_scale)
+        self.input_scale = _check_scale(input_scale)
 
     @property
     def tile_size(self) -> int:
@@ -164,9 +162,7 @@ class PromptNucSeg(nn.Module):
             ``ious`` (M,) predicted IoU; row i describes instance id i + 1.
         """
         image = self._check_image(image)
-        scale = self.input_scale if input_scale is None else float(input_scale)
-        if not scale > 0:
-            raise ValueError(f"input_scale must be > 0, got {scale}")
+        scale = self.input_scale if input_scale is None else _check_scale(input_scale)
         if scale != 1.0:
             return self._rescaled(image, prompts, scale)
         return self._run(image, prompts)
@@ -176,18 +172,8 @@ class PromptNucSeg(nn.Module):
         if prompts is None:
             prompts = self.find_prompts(image)
         inst_map, prompt_of_id, ious = self.segment(image, prompts["points"])
-        classes = prompts["classes"][prompt_of_id].long()
-        lut = torch.zeros(len(prompt_of_id) + 1, dtype=torch.int32)
-        lut[1:] = classes.to(torch.int32)
-        inst = torch.from_numpy(inst_map)
-        return {
-            "inst_map": inst,
-            "type_map": lut[inst.long()],
-            "points": prompts["points"][prompt_of_id].float(),
-            "classes": classes,
-            "scores": prompts["scores"][prompt_of_id].float(),
-            "ious": ious,
-        }
+        return _instance_outputs(torch.from_numpy(inst_map), prompts["points"][prompt_of_id].float(),
+                                 prompts["classes"][prompt_of_id].long(), prompts["scores"][prompt_of_id].float(), ious)
 
     def _rescaled(self, image: torch.Tensor, prompts: dict[str, torch.Tensor] | None, scale: float
                   ) -> dict[str, torch.Tensor]:
@@ -205,17 +191,8 @@ class PromptNucSeg(nn.Module):
         relabel = torch.zeros(len(out["points"]) + 1, dtype=torch.int32)
         relabel[present] = torch.arange(1, len(present) + 1, dtype=torch.int32)
         rows = present - 1
-        inst_map = relabel[inst]
-        lut = torch.zeros(len(rows) + 1, dtype=torch.int32)
-        lut[1:] = out["classes"][rows].to(torch.int32)
-        return {
-            "inst_map": inst_map,
-            "type_map": lut[inst_map.long()],
-            "points": (out["points"][rows] + 0.5) / scale - 0.5,
-            "classes": out["classes"][rows],
-            "scores": out["scores"][rows],
-            "ious": out["ious"][rows],
-        }
+        return _instance_outputs(relabel[inst], (out["points"][rows] + 0.5) / scale - 0.5, out["classes"][rows],
+                                 out["scores"][rows], out["ious"][rows])
 
     @staticmethod
     def _check_image(image: torch.Tensor) -> torch.Tensor:
@@ -373,6 +350,22 @@ class PromptNucSeg(nn.Module):
     @staticmethod
     def _device(module: nn.Module) -> torch.device:
         return next(module.parameters()).device
+
+
+def _check_scale(input_scale: float) -> float:
+    if not input_scale > 0:
+        raise ValueError(f"input_scale must be > 0, got {input_scale}")
+    return float(input_scale)
+
+
+def _instance_outputs(inst_map: torch.Tensor, points: torch.Tensor, classes: torch.Tensor, scores: torch.Tensor,
+                      ious: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:meth:`PromptNucSeg.forward`'s outputs from an (H, W) int32 instance map with ids 1..M and the M rows of
+    per-nucleus values (row i = id i + 1); the class map follows the instances."""
+    lut = torch.zeros(len(classes) + 1, dtype=torch.int32)
+    lut[1:] = classes.to(torch.int32)
+    return {"inst_map": inst_map, "type_map": lut[inst_map.long()], "points": points, "classes": classes,
+            "scores": scores, "ious": ious}
 
 
 def negative_prompts(points: torch.Tensor, extra: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:

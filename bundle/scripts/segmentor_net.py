@@ -163,8 +163,8 @@ class Segmentor(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One whole-image mask per prompt for one image; the mask decoder runs once on all Z prompts.
 
-        With a ``decoder_window`` smaller than the input, each prompt is decoded on its window
-        (:func:`decode_at_points`) and the window's logits are pasted into the image (``OUTSIDE_LOGIT`` elsewhere).
+        Each prompt is decoded on its window (:func:`decode_at_points`: the whole input unless ``decoder_window``)
+        and the window's logits are pasted into the image (``OUTSIDE_LOGIT`` outside a smaller window).
 
         Args:
             embedding: (C, h, w) or (1, C, h, w), from :meth:`encode`.
@@ -184,12 +184,8 @@ class Segmentor(nn.Module):
         if point_coords.shape[0] == 0:  # empty outputs still tied to the graph, so a batch without nuclei can back-propagate
             tie = embedding.sum() * 0.0
             return embedding.new_zeros((0, H, W)) + tie, embedding.new_zeros((0,)) + tie
-        if self.window_size < self.image_size:
-            logits, iou, offsets = decode_at_points(self, embedding[0], point_coords, point_labels)
-            return paste_windows(logits, offsets, (H, W)), iou
-        low, iou = self._run_decoder(embedding, point_coords, point_labels)
-        masks = F.interpolate(low, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return masks[:, 0, :H, :W], iou[:, 0]
+        logits, iou, offsets = decode_at_points(self, embedding[0], point_coords, point_labels)
+        return paste_windows(logits, offsets, (H, W)), iou
 
     def decode_windows(
         self, windows: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
@@ -197,8 +193,8 @@ class Segmentor(nn.Module):
         """One mask per prompt, each prompt on its own embedding window (inference on images of any size).
 
         SAM's mask decoder adds ``dense_prompt_embeddings`` to the image embedding repeated per prompt; a zero
-        image embedding plus the windows as dense embeddings gives each prompt its own window (the same result
-        as :meth:`decode` when every window is the same embedding).
+        image embedding plus the windows as dense embeddings gives each prompt its own window (the decoder call
+        of :meth:`decode`, :meth:`forward` and :func:`decode_at_points`).
 
         Args:
             windows: (Z, C, h, w) embedding windows of the encoder's grid (h, w = :attr:`embedding_size`).
@@ -214,35 +210,18 @@ class Segmentor(nn.Module):
         if windows.shape[0] == 0:
             tie = windows.sum() * 0.0
             return windows.new_zeros((0, size, size)) + tie, windows.new_zeros((0,)) + tie
-        low, iou = self._run_decoder(windows.new_zeros((1,) + tuple(windows.shape[1:])), point_coords, point_labels,
-                                     per_prompt_embeddings=windows)
-        masks = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)
-        return masks[:, 0], iou[:, 0]
-
-    def _run_decoder(
-        self,
-        embedding: torch.Tensor,
-        point_coords: torch.Tensor,
-        point_labels: torch.Tensor,
-        per_prompt_embeddings: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt encoder + SAM's mask decoder, single-mask output: (Z, 1, 4h, 4w) low-res logits, (Z, 1) IoU.
-
-        ``embedding`` (1, C, h, w) is shared by the Z prompts; ``per_prompt_embeddings`` (Z, C, h, w), if given, is
-        added per prompt (through the decoder's dense prompt embeddings).
-        """
         sparse, dense = self.prompt_encoder(
-            points=(point_coords.to(embedding), point_labels.to(embedding.device)), boxes=None, masks=None
+            points=(point_coords.to(windows), point_labels.to(windows.device)), boxes=None, masks=None
         )
-        if per_prompt_embeddings is not None:
-            dense = dense + per_prompt_embeddings
-        return self.mask_decoder(
-            image_embeddings=embedding,
+        low, iou = self.mask_decoder(
+            image_embeddings=windows.new_zeros((1,) + tuple(windows.shape[1:])),
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+            dense_prompt_embeddings=dense + windows,
             multimask_output=False,
         )
+        masks = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)
+        return masks[:, 0], iou[:, 0]
 
     def encode_whole(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings of images of any size (multiples of 32 px) in one pass; convolutional encoders only (a ViT
@@ -328,6 +307,14 @@ def outside_as_padding(coords: torch.Tensor, labels: torch.Tensor, size: int) ->
     return torch.where(outside & (labels == 0), torch.full_like(labels, -1), labels)
 
 
+def window_index(origins: torch.Tensor, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices, (N, size, 1) and (N, 1, size), of ``size`` x ``size`` windows whose top-left corners
+    are ``origins`` (N, 2) (x, y), in the units of the origins (tokens or px)."""
+    steps = torch.arange(size, device=device)
+    origins = origins.to(device)
+    return (origins[:, 1, None] + steps)[:, :, None], (origins[:, 0, None] + steps)[:, None, :]
+
+
 def decode_at_points(
     segmentor: nn.Module, embedding: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -348,9 +335,7 @@ def decode_at_points(
     if embedding.shape[-2] < grid or embedding.shape[-1] < grid:
         raise ValueError(f"embedding {tuple(embedding.shape)} is smaller than the decoding window ({grid} tokens)")
     origins = window_origins(point_coords[:, 0], stride, grid, tuple(embedding.shape[-2:]))
-    steps = torch.arange(grid, device=embedding.device)
-    rows = (origins[:, 1, None] + steps)[:, :, None]
-    cols = (origins[:, 0, None] + steps)[:, None, :]
+    rows, cols = window_index(origins, grid, embedding.device)
     windows = embedding[:, rows, cols].permute(1, 0, 2, 3)  # (Z, C, grid, grid)
     offsets = origins * stride
     local = point_coords - offsets[:, None, :].to(point_coords)
@@ -362,9 +347,7 @@ def decode_at_points(
 def crop_windows(images: torch.Tensor, origins: torch.Tensor, size: int) -> torch.Tensor:
     """(N, size, size) crops of (N, H, W) ``images`` at (x, y) px top-left ``origins`` (N, 2); 0 outside the image."""
     n, height, width = images.shape
-    steps = torch.arange(size, device=images.device)
-    rows = (origins[:, 1, None].to(images.device) + steps)[:, :, None]
-    cols = (origins[:, 0, None].to(images.device) + steps)[:, None, :]
+    rows, cols = window_index(origins, size, images.device)
     inside = (rows < height) & (cols < width)
     crops = images[torch.arange(n, device=images.device)[:, None, None], rows.clamp(max=height - 1),
                    cols.clamp(max=width - 1)]
@@ -378,9 +361,7 @@ def paste_windows(logits: torch.Tensor, origins: torch.Tensor, shape: tuple[int,
     height, width = shape
     pad_h, pad_w = max(height, int(origins[:, 1].max()) + size), max(width, int(origins[:, 0].max()) + size)
     canvas = logits.new_full((n, pad_h, pad_w), OUTSIDE_LOGIT)
-    steps = torch.arange(size, device=logits.device)
-    rows = (origins[:, 1, None].to(logits.device) + steps)[:, :, None]
-    cols = (origins[:, 0, None].to(logits.device) + steps)[:, None, :]
+    rows, cols = window_index(origins, size, logits.device)
     canvas[torch.arange(n, device=logits.device)[:, None, None], rows, cols] = logits
     return canvas[:, :height, :width]
 
