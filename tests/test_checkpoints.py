@@ -85,3 +85,29 @@ def test_training_killed_mid_run_resumes_from_last_epoch(tmp_path):
     assert resumed["trainer"]["epoch"] == killed_at + 1
     assert resumed["trainer"]["iteration"] == iterations + iterations // killed_at  # one more epoch only
     assert (out / "prompter" / "best.pt").is_file()
+
+
+def test_warm_start_prompter_from_a_training_checkpoint(tmp_path):
+    """``prompter#init_checkpoint``: a prompter starts from the ``network`` entry of another run's best.pt; a
+    checkpoint of another network is refused by name."""
+    from scripts.checkpoints import warm_start
+    from scripts.prompter_net import Prompter
+
+    small = dict(backbone="resnet_small", fpn_channels=32, mlp_hidden=32, anchor_step=8)
+    torch.manual_seed(0)
+    trained = Prompter(num_classes=4, **small)
+    atomic_torch_save({"network": trained.state_dict(), "metric": 0.7}, tmp_path / "best.pt")
+    torch.manual_seed(1)
+    fresh = Prompter(num_classes=4, **small)
+    assert warm_start(fresh, tmp_path / "best.pt") is fresh
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[name], value, msg=name)
+    other_classes = Prompter(num_classes=1, **small)  # a class head of another size keeps its fresh weights
+    head = {k: v.clone() for k, v in other_classes.state_dict().items() if v.shape != trained.state_dict()[k].shape}
+    assert head
+    warm_start(other_classes, tmp_path / "best.pt")
+    for name, value in head.items():
+        torch.testing.assert_close(other_classes.state_dict()[name], value, msg=name)
+    torch.save({"network": {"unrelated.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="no parameter matches.*Prompter"):
+        warm_start(fresh, tmp_path / "other.pt")

@@ -46,6 +46,21 @@ def test_score_threshold_and_clipping():
     assert result["points"].tolist() == [[0.0, 63.0]]
 
 
+def test_foreground_threshold_counts_the_nucleus_mass_of_all_classes():
+    # C = 2; anchor 0: p = (0.3, 0.3, 0.4): background is the argmax, yet 60 % nucleus; anchor 1: (0.44, 0.1, 0.46)
+    uncertain_type = [math.log(0.3), math.log(0.3), math.log(0.4)]
+    split = [math.log(0.44), math.log(0.1), math.log(0.46)]
+    out = outputs_for([[10.0, 10.0], [40.0, 40.0]], [uncertain_type, split])
+    (result,) = decode_prompts(out, (64, 64))
+    assert result["points"].tolist() == []  # argmax rule: background wins both
+    (result,) = decode_prompts(out, (64, 64), foreground_threshold=0.5)
+    assert result["points"].tolist() == [[40.0, 40.0], [10.0, 10.0]]  # sorted by class score 0.44, 0.3
+    assert result["classes"].tolist() == [1, 1]
+    assert result["scores"].tolist() == [pytest.approx(0.44), pytest.approx(0.3)]
+    (result,) = decode_prompts(out, (64, 64), foreground_threshold=0.58)
+    assert result["points"].tolist() == [[10.0, 10.0]]  # 0.54 < 0.58 <= 0.6
+
+
 def test_mask_filter_uses_nearest_pixel_of_aux_map():
     aux = torch.full((1, 1, 32, 48), -BIG)
     aux[0, 0, 5, 7] = BIG  # only pixel (x=7, y=5) is nucleus

@@ -383,7 +383,7 @@ def test_crop_and_paste_windows_are_inverse_inside_the_image():
 def test_warm_start_copies_what_fits(tmp_path):
     """A stride-8 segmentor starts from a stride-16 checkpoint: the decoder, prompt encoder, backbone and neck carry
     over; the finer stages' projections (other kernel sizes) keep their fresh weights."""
-    from scripts.segmentor_net import warm_start
+    from scripts.checkpoints import warm_start
 
     torch.manual_seed(0)
     small = dict(prompt_dim=64, decoder_mlp_dim=128, decoder_heads=2)

@@ -9,6 +9,8 @@
 # stage 3, 4 px tokens and a 96 px window (configs/train_default_s4.json), from stage 2's best. Then export:
 #   cd bundle && python -c "from scripts.export import export_model; export_model('runs/default/prompter/best.pt',
 #       'runs/default/segmentor_s8/best.pt', 'models/model.pt', half=True)"
+# Prompter stage 2: `tools/train_default.sh prompter_ft` continues the prompter from its best epoch for 20 more
+# epochs (configs/train_default_prompter_ft.json: lr 1e-4, decayed at epoch 14) into runs/default/prompter_ft.
 set -euo pipefail
 cd "$(dirname "$0")/../bundle"
 mkdir -p runs/default
@@ -21,6 +23,13 @@ if [ "${1:-}" = s8 ] || [ "${1:-}" = s4 ]; then  # segmentor stage 2 (8 px token
   nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$STAGE_CFG" \
     --stage segmentor --tracking mlflow --run_name "default-segmentor-$1" >> "runs/default/segmentor_$1.log" 2>&1 &
   echo "segmentor stage $1 in the background; log in bundle/runs/default/segmentor_$1.log"
+  exit 0
+fi
+if [ "${1:-}" = prompter_ft ]; then
+  STAGE_CFG="['configs/train.json','configs/train_default.json','configs/train_default_prompter_ft.json']"
+  nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$STAGE_CFG" \
+    --stage prompter --tracking mlflow --run_name default-prompter-ft >> runs/default/prompter_ft.log 2>&1 &
+  echo "prompter stage 2 in the background; log in bundle/runs/default/prompter_ft.log"
   exit 0
 fi
 nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$CFG" --stage prompter \

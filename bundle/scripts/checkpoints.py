@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from monai.apps.utils import get_logger
+from monai.networks.utils import copy_model_state
 
 from scripts.writers import atomic_path
 
@@ -39,6 +41,36 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+STATE_KEYS = ("state_dict", "model", "network", "segmentor", "prompter", "net")
+
+
+def warm_start(model: torch.nn.Module, checkpoint: str | os.PathLike | None) -> torch.nn.Module:
+    """Initialise ``model`` in place from a checkpoint of the same kind of network wherever names and shapes agree
+    (MONAI's ``copy_model_state``): fine-tuning from an earlier run, or a stride-8 segmentor from a stride-16 one (its
+    backbone, neck, prompt encoder and mask decoder carry over; the finer stages' projections start fresh). The
+    checkpoint is a state dict or holds one under one of :data:`STATE_KEYS` (``best.pt`` / ``last.pt`` of
+    :class:`TrainingCheckpointer` do). None: the model unchanged.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: nothing at all could be copied (another kind of network).
+    """
+    if checkpoint is None:
+        return model
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"init_checkpoint not found: {checkpoint}")
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = next((payload[k] for k in STATE_KEYS if isinstance(payload.get(k), Mapping)), payload)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    _, copied, skipped = copy_model_state(model, state, inplace=True)
+    if not copied:
+        raise ValueError(f"init_checkpoint {checkpoint}: no parameter matches the names and shapes of "
+                         f"{model.__class__.__name__}")
+    logger.info(f"warm start of {model.__class__.__name__} from {checkpoint}: {len(copied)} tensors copied, "
+                f"{len(skipped)} kept fresh" + (f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})"
+                                                 if skipped else ""))
+    return model
 
 
 class BestMetric:

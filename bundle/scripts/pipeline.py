@@ -91,6 +91,9 @@ class PromptNucSeg(nn.Module):
         mask_filter: mask-aided prompt filtering (keep prompts where the auxiliary map > 0.5).
         nms_radius: point NMS radius in px.
         score_threshold: optional minimum class score of a prompt.
+        foreground_threshold: a prompter anchor is a nucleus when its summed nucleus-class probability reaches
+            this; None: when its argmax is not background (the official rule). See
+            :func:`scripts.prompter_post.decode_prompts`.
         min_area: instances with fewer pixels (after overlap resolution) are dropped.
         tile_overlap: overlap between neighbouring tiles in px (context = half of it at least), of the prompter's
             tiles and of the segmentor encoder's (there at most half a tile, rounded down to whole token pairs).
@@ -116,6 +119,7 @@ class PromptNucSeg(nn.Module):
         mask_filter: bool = True,
         nms_radius: float = 12,
         score_threshold: float | None = None,
+        foreground_threshold: float | None = None,
         min_area: int = 10,
         tile_overlap: int = 128,
         prompter_tile_size: int | None = 1024,
@@ -132,6 +136,7 @@ class PromptNucSeg(nn.Module):
         self.mask_filter = mask_filter
         self.nms_radius = nms_radius
         self.score_threshold = score_threshold
+        self.foreground_threshold = foreground_threshold
         self.min_area = min_area
         self.tile_overlap = tile_overlap
         self.prompter_tile_size = prompter_tile_size
@@ -216,7 +221,8 @@ class PromptNucSeg(nn.Module):
             crop = image[:, tile.y0 : tile.y0 + size, tile.x0 : tile.x0 + size]
             outputs = self.prompter(crop[None].to(self._device(self.prompter)))
             pred = decode_prompts(outputs, image_size=tuple(crop.shape[-2:]), score_threshold=self.score_threshold,
-                                  mask_filter=self.mask_filter, nms_radius=self.nms_radius)[0]
+                                  foreground_threshold=self.foreground_threshold, mask_filter=self.mask_filter,
+                                  nms_radius=self.nms_radius)[0]
             points = pred["points"].cpu() + torch.tensor([tile.x0, tile.y0], dtype=torch.float32)
             keep = tile.core_holds(points)
             found.append({"points": points[keep], "classes": pred["classes"].cpu()[keep],

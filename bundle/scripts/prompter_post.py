@@ -50,6 +50,7 @@ def decode_prompts(
     outputs: dict[str, torch.Tensor],
     image_size: tuple[int, int],
     score_threshold: float | None = None,
+    foreground_threshold: float | None = None,
     mask_filter: bool = True,
     mask_threshold: float = 0.5,
     nms_radius: float | None = 12,
@@ -57,8 +58,10 @@ def decode_prompts(
     """Point prompts per image from a :class:`scripts.prompter_net.Prompter` output dict.
 
     Per anchor: softmax over the C + 1 logits; the anchor is a nucleus when the argmax is not background
-    (index C); its class is the argmax and its score the largest foreground probability (= the probability
-    of that class). Then, in order: optional ``score >= score_threshold``; points clipped to the image
+    (index C; the official code's rule) or, with ``foreground_threshold`` set, when the summed probability of the
+    C nucleus classes is at least that (nucleus vs background first, then the type: with several classes the
+    nucleus mass is shared among them and the argmax rule misses nuclei of uncertain type). Its class is the most
+    probable nucleus class and its score that class's probability. Then, in order: optional ``score >= score_threshold``; points clipped to the image
     ([0, W - 1] x [0, H - 1]); mask-aided filtering keeps points where sigmoid(aux_logits) at the nearest
     pixel > ``mask_threshold`` (paper §3.3; off with ``mask_filter=False``); greedy point NMS within
     ``nms_radius`` px (off with None or 0).
@@ -86,7 +89,10 @@ def decode_prompts(
     results = []
     for b in range(pred_points.shape[0]):
         scores, classes = probs[b, :, :background].max(-1)
-        keep = probs[b].argmax(-1) != background
+        if foreground_threshold is None:
+            keep = probs[b].argmax(-1) != background
+        else:
+            keep = 1.0 - probs[b, :, background] >= foreground_threshold
         if score_threshold is not None:
             keep &= scores >= score_threshold
         points = torch.minimum(pred_points[b][keep].clamp(min=0), upper)

@@ -23,14 +23,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.apps.utils import get_logger
-from monai.networks.utils import copy_model_state
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
 from scripts.conv_encoder import ConvImageEncoder
 
-logger = get_logger("scripts.segmentor_net")
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -597,27 +594,4 @@ def load_segmentor_checkpoint(
     state = {k.removeprefix("module."): v for k, v in state.items()}
     _check_state_dict(state, model, str(path))
     model.load_state_dict(state, strict=True)
-    return model
-
-
-def warm_start(model: Segmentor, checkpoint: str | Path | None) -> Segmentor:
-    """Initialise ``model`` from another of our segmentor checkpoints where names and shapes agree (MONAI's
-    ``copy_model_state``): e.g. a stride-8 model from a stride-16 one (backbone, neck, prompt encoder and mask
-    decoder carry over; the finer stages' projections start fresh). None: the model unchanged.
-
-    Raises:
-        FileNotFoundError: missing file. ValueError: nothing at all could be copied (not a segmentor checkpoint).
-    """
-    if checkpoint is None:
-        return model
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"segmentor init_checkpoint not found: {checkpoint}")
-    payload = _torch_load(checkpoint)
-    state = next((payload[k] for k in _STATE_KEYS if isinstance(payload.get(k), Mapping)), payload)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    _, copied, skipped = copy_model_state(model, state, inplace=True)
-    if not copied:
-        raise ValueError(f"init_checkpoint {checkpoint}: no parameter matches the segmentor's names and shapes")
-    logger.info(f"warm start from {checkpoint}: {len(copied)} tensors copied, {len(skipped)} kept fresh"
-                + (f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})" if skipped else ""))
     return model
