@@ -1,9 +1,10 @@
 """Inference-time ablations of a trained model on held-out real H&E (paper Tables 6 and 7, test side):
-mask-aided prompt filtering on/off and K = 0/1/2 negative prompts at test time.
+mask-aided prompt filtering on/off, K = 0/1/2 negative prompts at test time, and the prompter's detection rule
+(argmax over background and classes, the official rule, or the summed class probability >= 0.5).
 
 Every figure comes from the bundle's ``evaluating`` command (``--subset val``: the images the default training held
-out) with ``--pipeline#mask_filter`` / ``--pipeline#num_neg`` changed, nothing else. Writes
-``docs/benchmarks/inference_ablation.md``.
+out) with ``--pipeline#mask_filter`` / ``--pipeline#num_neg`` / ``--pipeline#foreground_threshold`` changed, nothing
+else. Writes ``docs/benchmarks/inference_ablation.md``.
 
     .venv/bin/python benchmarks/ablation_inference.py [--model bundle/models/model.pt] [--work /tmp/ablation_inference]
 """
@@ -25,6 +26,7 @@ SETTINGS = {
     "mask-aided filtering off": ["--pipeline#mask_filter", "False"],
     "K = 0 negative prompts": ["--pipeline#num_neg", "0"],
     "K = 2 negative prompts": ["--pipeline#num_neg", "2"],
+    "nucleus if p(any class) >= 0.5, not argmax": ["--pipeline#foreground_threshold", "0.5"],
 }
 SETS = {"MoNuSeg held-out, 40x": "monuseg_train", "CoNSeP held-out tiles, 40x": "consep_train"}
 
