@@ -25,7 +25,8 @@ SECTIONS = [
 ]
 LINKED = [
     ("benchmarks/negative_prompts.md", "negative prompts K = 0/1/2 in training and testing (synthetic, oracle prompts)"),
-    ("benchmarks/inference_ablation.md", "mask-aided filtering on/off and K = 0/1/2 at test time (shipped model, real data)"),
+    ("benchmarks/inference_ablation.md",
+     "mask-aided filtering on/off, K = 0/1/2 and the detection rule at test time (shipped model, real data)"),
     ("benchmarks/token_stride.md", "segmentor token stride 16 vs 8 (synthetic, oracle prompts)"),
     ("benchmarks/token_stride_4.md", "segmentor token stride 4 with a 64 px decoding window (synthetic, oracle prompts)"),
     ("benchmarks/vit_tiny_encoder.md", "segmentor encoder vit_tiny vs conv_small (synthetic, oracle prompts)"),
@@ -33,6 +34,7 @@ LINKED = [
     ("benchmarks/segmentor.md", "segmentor variants: encoder and decoder cost"),
     ("benchmarks/prompter.md", "prompter backbones: cost"),
     ("benchmarks/pipeline.md", "pipeline stages, outputs and a 4096 px slide: time and memory"),
+    ("results/gpu.md", "on a GPU (H200): same nuclei as on the CPU, time per tile next to HoVer-Net, training on CUDA"),
     ("default_model.md", "how the default CPU model was chosen and trained"),
 ]
 
@@ -84,10 +86,12 @@ def main() -> None:
         parts += ["## Training curves of the shipped model", "",
                   "Validation oracle PQ of the segmentor and detection F1 of the prompter per epoch (MLflow store of the "
                   "default training, `scripts/compare_runs.py --plot`; a run resumed after an interruption is a new "
-                  "run of the same name). The segmentor's stages: `default-segmentor` (16 px tokens), "
-                  "`default-segmentor-s8` (8 px tokens on 128 px windows, started from the former's epoch 58; the "
-                  "shipped segmentor is its epoch 24), `default-segmentor-s4` (4 px tokens, the next stage, in "
-                  "progress).", "", "![validation curves](results/curves.png)", ""]
+                  "run of the same name; each stage counts its own epochs). The segmentor's stages: "
+                  "`default-segmentor` (16 px tokens), `default-segmentor-s8` (8 px tokens on 128 px windows, from "
+                  "the former's epoch 58), `default-segmentor-s4` (4 px tokens on 96 px windows, from the s8 stage's "
+                  "epoch 24; the shipped segmentor is its epoch 16). The prompter: `default-prompter` (shipped: "
+                  "epoch 58) and `default-prompter-ft` (20 more epochs from it: no better on the held-out images, "
+                  "not shipped).", "", "![validation curves](results/curves.png)", ""]
     parts += ["## Further measurements", ""]
     for page, what in LINKED:
         if (DOCS / page).is_file():
