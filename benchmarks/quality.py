@@ -7,7 +7,7 @@ for every method), on the images the default training held out (``--subset val``
 - MoNuSeg held-out images at 40x (their native 0.25 µm/px) and resampled to 20x (``--scale 0.5``: a
   magnification the model was not trained at), as they are and with ``--pipeline#input_scale 2`` (the user states
   the magnification and the pipeline resamples to 40x);
-- CoNSeP held-out 256 px tiles (typed: mPQ and per-class PQ too).
+- CoNSeP held-out 256 px tiles (typed: mPQ and per-class PQ too), at 40x and resampled to 20x (128 px tiles).
 
 Methods: PromptNucSeg (the model, automatic prompts), the same segmentor prompted by the ground-truth points
 (``--prompts oracle``: the segmentor's ceiling, paper Table 7 "GT"), and the watershed baseline
@@ -36,6 +36,7 @@ SETS = {
     "MoNuSeg held-out, 40x": {"folder": "monuseg_train", "scale": 1.0},
     "MoNuSeg held-out, 20x": {"folder": "monuseg_train", "scale": 0.5, "input_scale": 2.0},
     "CoNSeP held-out tiles, 40x": {"folder": "consep_train", "scale": 1.0},
+    "CoNSeP held-out tiles, 20x": {"folder": "consep_train", "scale": 0.5, "input_scale": 2.0},
 }
 METHODS = {
     "PromptNucSeg (this model)": ["--method", "promptnucseg", "--prompts", "prompter"],
@@ -75,7 +76,7 @@ def markdown(results: dict, model: Path, command: str) -> str:
         f"Command: `{command}` ({datetime.fromtimestamp(model.stat().st_mtime):%Y-%m-%d} model, {cpu_name()}). Model: `{model.relative_to(REPO) if model.is_relative_to(REPO) else model}`.",
         "Images the training never saw: the default training's validation split (MoNuSeg: 3 of the 13 shared",
         "images; CoNSeP: 5 of its 27 images = 80 tiles), scored by `configs/evaluate.json` (definitions in",
-        "[metrics.md](metrics.md)). The 20x rows resample the same MoNuSeg images to half size; with",
+        "[metrics.md](metrics.md)). The 20x rows resample the same images to half size; with",
         "`--pipeline#input_scale 2` the pipeline is told the magnification and resamples them back to the model's 40x.",
         "",
         "| data | method | PQ | DQ | SQ | AJI | AJI+ | F1 det. | nuclei (true / predicted) |",
