@@ -6,11 +6,13 @@
 # Segmentor stage 2: `tools/train_default.sh s8` fine-tunes the segmentor with 8 px tokens and a 128 px decoding
 # window (configs/train_default_s8.json), starting from stage 1's best checkpoint (runs/default/segmentor/best.pt;
 # the shipped model's stage 1 was stopped at epoch 66 of 100, its best was epoch 58). `tools/train_default.sh s4`:
-# stage 3, 4 px tokens and a 96 px window (configs/train_default_s4.json), from stage 2's best. Then export:
+# stage 3, 4 px tokens and a 96 px window (configs/train_default_s4.json), from stage 2's best (30 epochs; the
+# shipped segmentor is its best, epoch 16). Then export:
 #   cd bundle && python -c "from scripts.export import export_model; export_model('runs/default/prompter/best.pt',
-#       'runs/default/segmentor_s8/best.pt', 'models/model.pt', half=True)"
-# Prompter stage 2: `tools/train_default.sh prompter_ft` continues the prompter from its best epoch for 20 more
-# epochs (configs/train_default_prompter_ft.json: lr 1e-4, decayed at epoch 14) into runs/default/prompter_ft.
+#       'runs/default/segmentor_s4/best.pt', 'models/model.pt', half=True)"
+# Prompter stage 2 (tried, not shipped: no better on the held-out images): `tools/train_default.sh prompter_ft`
+# continues the prompter from its best epoch for 20 more epochs (configs/train_default_prompter_ft.json: lr 1e-4,
+# decayed at epoch 14) into runs/default/prompter_ft.
 set -euo pipefail
 cd "$(dirname "$0")/../bundle"
 mkdir -p runs/default
