@@ -12,7 +12,9 @@
 #       'runs/default/segmentor_s4/best.pt', 'models/model.pt', half=True)"
 # Prompter stage 2 (tried, not shipped: no better on the held-out images): `tools/train_default.sh prompter_ft`
 # continues the prompter from its best epoch for 20 more epochs (configs/train_default_prompter_ft.json: lr 1e-4,
-# decayed at epoch 14) into runs/default/prompter_ft.
+# decayed at epoch 14) into runs/default/prompter_ft. `tools/train_default.sh prompter_r18`: the prompter with a
+# torchvision ResNet-18 backbone from scratch (configs/train_default_prompter_r18.json, 60 epochs) into
+# runs/default/prompter_r18, the candidate for a better detector.
 set -euo pipefail
 cd "$(dirname "$0")/../bundle"
 mkdir -p runs/default
@@ -27,11 +29,11 @@ if [ "${1:-}" = s8 ] || [ "${1:-}" = s4 ]; then  # segmentor stage 2 (8 px token
   echo "segmentor stage $1 in the background; log in bundle/runs/default/segmentor_$1.log"
   exit 0
 fi
-if [ "${1:-}" = prompter_ft ]; then
-  STAGE_CFG="['configs/train.json','configs/train_default.json','configs/train_default_prompter_ft.json']"
+if [ "${1:-}" = prompter_ft ] || [ "${1:-}" = prompter_r18 ]; then  # prompter variants (see above)
+  STAGE_CFG="['configs/train.json','configs/train_default.json','configs/train_default_$1.json']"
   nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$STAGE_CFG" \
-    --stage prompter --tracking mlflow --run_name default-prompter-ft >> runs/default/prompter_ft.log 2>&1 &
-  echo "prompter stage 2 in the background; log in bundle/runs/default/prompter_ft.log"
+    --stage prompter --tracking mlflow --run_name "default-${1//_/-}" >> "runs/default/$1.log" 2>&1 &
+  echo "prompter variant $1 in the background; log in bundle/runs/default/$1.log"
   exit 0
 fi
 nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$CFG" --stage prompter \
