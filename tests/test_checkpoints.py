@@ -111,3 +111,6 @@ def test_warm_start_prompter_from_a_training_checkpoint(tmp_path):
     torch.save({"network": {"unrelated.weight": torch.zeros(1)}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="no parameter matches.*Prompter"):
         warm_start(fresh, tmp_path / "other.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match="tensor.pt is not a checkpoint dict"):
+        warm_start(fresh, tmp_path / "tensor.pt")

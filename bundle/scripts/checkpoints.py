@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +61,8 @@ def warm_start(model: torch.nn.Module, checkpoint: str | os.PathLike | None) -> 
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"init_checkpoint not found: {checkpoint}")
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"init_checkpoint {checkpoint} is not a checkpoint dict (got {type(payload).__name__})")
     state = next((payload[k] for k in STATE_KEYS if isinstance(payload.get(k), Mapping)), payload)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     _, copied, skipped = copy_model_state(model, state, inplace=True)

@@ -19,13 +19,14 @@ import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from scripts.checkpoints import STATE_KEYS
 from scripts.conv_encoder import ConvImageEncoder
 
 
@@ -567,23 +568,20 @@ def save_segmentor_checkpoint(model: Segmentor, path: str | Path, **extra: Any) 
     return path
 
 
-_STATE_KEYS: Sequence[str] = ("state_dict", "model", "network", "segmentor", "net")
-
-
 def load_segmentor_checkpoint(
     path: str | Path, model: Segmentor | None = None, **build_kwargs: Any
 ) -> Segmentor:
     """Load our own fine-tuned weights.
 
     Accepts what :func:`save_segmentor_checkpoint` writes, a plain state dict, or a dict holding one under
-    ``state_dict`` / ``model`` / ``network`` / ``segmentor`` / ``net`` (e.g. ignite's CheckpointSaver). When
+    one of :data:`scripts.checkpoints.STATE_KEYS` (e.g. ignite's CheckpointSaver). When
     ``model`` is None it is built from the stored ``config`` (``build_kwargs`` such as ``freeze_*`` passed on);
     a checkpoint without config needs ``model``.
     """
     payload = _torch_load(path)
     if not isinstance(payload, Mapping):
         raise ValueError(f"checkpoint {path} is not a dict (got {type(payload).__name__})")
-    state = next((payload[k] for k in _STATE_KEYS if isinstance(payload.get(k), Mapping)), payload)
+    state = next((payload[k] for k in STATE_KEYS if isinstance(payload.get(k), Mapping)), payload)
     if model is None:
         config = payload.get("config")
         if not isinstance(config, Mapping):
