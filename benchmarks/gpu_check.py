@@ -75,7 +75,8 @@ def agreement(cpu_net, gpu_net, tiles: list[NucleusRecord]) -> dict:
         pqs.append(panoptic_quality(on_cpu["inst_map"].numpy(), on_gpu["inst_map"].cpu().numpy()).pq)
         cpu_counts.append(len(on_cpu["classes"]))
         gpu_counts.append(len(on_gpu["classes"]))
-    return {"pq": statistics.mean(pqs), "min_pq": min(pqs), "cpu_nuclei": sum(cpu_counts), "gpu_nuclei": sum(gpu_counts)}
+    return {"pq": statistics.mean(pqs), "min_pq": min(pqs), "cpu_nuclei": sum(cpu_counts),
+            "gpu_nuclei": sum(gpu_counts)}
 
 
 @torch.no_grad()
@@ -95,16 +96,10 @@ def hovernet_seconds(tiles: list[NucleusRecord], device: torch.device) -> dict:
     """Median s per tile of MONAI's HoVer-Net (fast) network on ``device`` and of its post-processing."""
     runner = HoverNetRunner()
     runner.network.to(device)
-
-    @torch.no_grad()
-    def forward(image: np.ndarray) -> None:
-        x = torch.from_numpy(image.transpose(2, 0, 1).copy()).float()[None].to(device) / 255.0
-        runner.network(x)
-
-    forward(tiles[0].image)
+    runner.forward(tiles[0].image)
     net, post = [], []
     for record in tiles:
-        net.append(synced_seconds(lambda: forward(record.image)))
+        net.append(synced_seconds(lambda: runner.forward(record.image)))
         outputs = runner.outputs_from_truth(record)
         start = time.perf_counter()
         runner.postprocess(outputs)
@@ -170,7 +165,8 @@ def main() -> None:
     if gpu.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA GPU (or --device cpu for a smoke run)")
     tiles = held_out_tiles(Path(args.data), args.tiles)
-    info = {"date": datetime.now().strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else "no GPU (smoke run)", "cpu": cpu_name(),
+    gpu_name = torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else "no GPU (smoke run)"
+    info = {"date": datetime.now().strftime("%Y-%m-%d"), "gpu": gpu_name, "cpu": cpu_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "tiles": len(tiles)}
     print(info, flush=True)
 

@@ -108,7 +108,9 @@ class HoverNetRunner:
 
     @torch.no_grad()
     def forward(self, image: np.ndarray) -> dict:
-        return self.network(torch.from_numpy(image.transpose(2, 0, 1).copy()).float()[None] / 255.0)
+        """The network on an (H, W, 3) uint8 RGB tile, on the network's device."""
+        device = next(self.network.parameters()).device
+        return self.network(torch.from_numpy(image.transpose(2, 0, 1).copy()).float()[None].to(device) / 255.0)
 
     @staticmethod
     def outputs_from_truth(record: NucleusRecord) -> dict:

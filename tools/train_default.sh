@@ -21,24 +21,21 @@ mkdir -p runs/default
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MLFLOW_DISABLE_TELEMETRY=true
 export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647  # glibc: keep freed memory (25-45 % faster here)
 PY=${PY:-../.venv/bin/python}
-CFG="['configs/train.json','configs/train_default.json']"
-if [ "${1:-}" = s8 ] || [ "${1:-}" = s4 ]; then  # segmentor stage 2 (8 px tokens) or 3 (4 px tokens)
-  STAGE_CFG="['configs/train.json','configs/train_default.json','configs/train_default_$1.json']"
-  nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$STAGE_CFG" \
-    --stage segmentor --tracking mlflow --run_name "default-segmentor-$1" >> "runs/default/segmentor_$1.log" 2>&1 &
-  echo "segmentor stage $1 in the background; log in bundle/runs/default/segmentor_$1.log"
-  exit 0
-fi
-if [ "${1:-}" = prompter_ft ] || [ "${1:-}" = prompter_r18 ]; then  # prompter variants (see above)
-  STAGE_CFG="['configs/train.json','configs/train_default.json','configs/train_default_$1.json']"
-  nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$STAGE_CFG" \
-    --stage prompter --tracking mlflow --run_name "default-${1//_/-}" >> "runs/default/$1.log" 2>&1 &
-  echo "prompter variant $1 in the background; log in bundle/runs/default/$1.log"
-  exit 0
-fi
-nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$CFG" --stage prompter \
-  --tracking mlflow --run_name default-prompter >> runs/default/prompter.log 2>&1 &
-sleep 45  # let the first process create the MLflow store
-nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "$CFG" --stage segmentor \
-  --tracking mlflow --run_name default-segmentor >> runs/default/segmentor.log 2>&1 &
-echo "training in the background; logs in bundle/runs/default/"
+# launch STAGE NAME [CONFIG]: one training in the background, configs/train_default_CONFIG.json on top of the
+# default configs; log runs/default/NAME.log, MLflow run default-NAME (underscores as dashes).
+launch() {
+  local configs="'configs/train.json','configs/train_default.json'"
+  [ -n "${3:-}" ] && configs="$configs,'configs/train_default_$3.json'"
+  nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "[$configs]" --stage "$1" \
+    --tracking mlflow --run_name "default-${2//_/-}" >> "runs/default/$2.log" 2>&1 &
+  echo "$1 training in the background; log in bundle/runs/default/$2.log"
+}
+case "${1:-}" in
+  "")
+    launch prompter prompter
+    sleep 45  # let the first process create the MLflow store
+    launch segmentor segmentor ;;
+  s8 | s4) launch segmentor "segmentor_$1" "$1" ;;  # segmentor stage 2 (8 px tokens) or 3 (4 px tokens)
+  prompter_ft | prompter_r18) launch prompter "$1" "$1" ;;  # prompter variants (see above)
+  *) echo "train_default.sh: unknown stage '$1' (none, s8, s4, prompter_ft or prompter_r18)" >&2; exit 2 ;;
+esac

@@ -46,6 +46,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 STATE_KEYS = ("state_dict", "model", "network", "segmentor", "prompter", "net")
 
 
+def state_dict_in(payload: Any, source: str) -> dict[str, Any]:
+    """The network weights a loaded checkpoint holds: ``payload`` itself, or its entry under the first of
+    :data:`STATE_KEYS` that is a mapping; a leading ``module.`` (DataParallel / DDP) is stripped from the names.
+
+    Raises:
+        ValueError: ``payload`` is not a dict (the message starts with ``source``, e.g. the file's path).
+    """
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"{source} is not a checkpoint dict (got {type(payload).__name__})")
+    state = next((payload[k] for k in STATE_KEYS if isinstance(payload.get(k), Mapping)), payload)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def warm_start(model: torch.nn.Module, checkpoint: str | os.PathLike | None) -> torch.nn.Module:
     """Initialise ``model`` in place from a checkpoint of the same kind of network wherever names and shapes agree
     (MONAI's ``copy_model_state``): fine-tuning from an earlier run, or a stride-8 segmentor from a stride-16 one (its
@@ -61,10 +74,7 @@ def warm_start(model: torch.nn.Module, checkpoint: str | os.PathLike | None) -> 
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"init_checkpoint not found: {checkpoint}")
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if not isinstance(payload, Mapping):
-        raise ValueError(f"init_checkpoint {checkpoint} is not a checkpoint dict (got {type(payload).__name__})")
-    state = next((payload[k] for k in STATE_KEYS if isinstance(payload.get(k), Mapping)), payload)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = state_dict_in(payload, f"init_checkpoint {checkpoint}")
     _, copied, skipped = copy_model_state(model, state, inplace=True)
     if not copied:
         raise ValueError(f"init_checkpoint {checkpoint}: no parameter matches the names and shapes of "

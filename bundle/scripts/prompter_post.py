@@ -61,10 +61,10 @@ def decode_prompts(
     (index C; the official code's rule) or, with ``foreground_threshold`` set, when the summed probability of the
     C nucleus classes is at least that (nucleus vs background first, then the type: with several classes the
     nucleus mass is shared among them and the argmax rule misses nuclei of uncertain type). Its class is the most
-    probable nucleus class and its score that class's probability. Then, in order: optional ``score >= score_threshold``; points clipped to the image
-    ([0, W - 1] x [0, H - 1]); mask-aided filtering keeps points where sigmoid(aux_logits) at the nearest
-    pixel > ``mask_threshold`` (paper §3.3; off with ``mask_filter=False``); greedy point NMS within
-    ``nms_radius`` px (off with None or 0).
+    probable nucleus class and its score that class's probability. Then, in order: optional
+    ``score >= score_threshold``; points clipped to the image ([0, W - 1] x [0, H - 1]); mask-aided filtering
+    keeps points where sigmoid(aux_logits) at the nearest pixel > ``mask_threshold`` (paper §3.3; off with
+    ``mask_filter=False``); greedy point NMS within ``nms_radius`` px (off with None or 0).
 
     Args:
         outputs: ``pred_points`` (B, A, 2) (x, y) px, ``pred_logits`` (B, A, C + 1), ``aux_logits`` (B, 1, H, W).

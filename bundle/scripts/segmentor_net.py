@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
-from scripts.checkpoints import STATE_KEYS
+from scripts.checkpoints import state_dict_in
 from scripts.conv_encoder import ConvImageEncoder
 
 
@@ -574,14 +574,12 @@ def load_segmentor_checkpoint(
     """Load our own fine-tuned weights.
 
     Accepts what :func:`save_segmentor_checkpoint` writes, a plain state dict, or a dict holding one under
-    one of :data:`scripts.checkpoints.STATE_KEYS` (e.g. ignite's CheckpointSaver). When
+    one of :data:`scripts.checkpoints.STATE_KEYS` (e.g. ignite's CheckpointSaver; :func:`state_dict_in`). When
     ``model`` is None it is built from the stored ``config`` (``build_kwargs`` such as ``freeze_*`` passed on);
     a checkpoint without config needs ``model``.
     """
     payload = _torch_load(path)
-    if not isinstance(payload, Mapping):
-        raise ValueError(f"checkpoint {path} is not a dict (got {type(payload).__name__})")
-    state = next((payload[k] for k in STATE_KEYS if isinstance(payload.get(k), Mapping)), payload)
+    state = state_dict_in(payload, f"checkpoint {path}")
     if model is None:
         config = payload.get("config")
         if not isinstance(config, Mapping):
@@ -589,7 +587,6 @@ def load_segmentor_checkpoint(
         config = dict(config)
         variant, image_size = config.pop("variant"), config.pop("image_size")
         model = build_segmentor(variant, image_size, **{**config, **build_kwargs})
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     _check_state_dict(state, model, str(path))
     model.load_state_dict(state, strict=True)
     return model
