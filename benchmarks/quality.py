@@ -7,6 +7,8 @@ for every method), on the images the default training held out (``--subset val``
 - MoNuSeg held-out images at 40x (their native 0.25 µm/px) and resampled to 20x (``--scale 0.5``: a
   magnification the model was not trained at), as they are and with ``--pipeline#input_scale 2`` (the user states
   the magnification and the pipeline resamples to 40x);
+- the held-out MoNuSeg images from TCGA tissue-source sites (hospitals: the code after ``TCGA-``) that no training
+  image comes from, at 40x and, as they are, at 20x: another source and another magnification at once;
 - CoNSeP held-out 256 px tiles (typed: mPQ and per-class PQ too), at 40x and resampled to 20x (128 px tiles).
 
 Methods: PromptNucSeg (the model, automatic prompts), the same segmentor prompted by the ground-truth points
@@ -35,6 +37,9 @@ from machine import cpu_name  # noqa: E402
 SETS = {
     "MoNuSeg held-out, 40x": {"folder": "monuseg_train", "scale": 1.0},
     "MoNuSeg held-out, 20x": {"folder": "monuseg_train", "scale": 0.5, "input_scale": 2.0},
+    "MoNuSeg held-out, sites not in training, 40x": {"folder": "monuseg_train", "scale": 1.0, "unseen_sites": True},
+    "MoNuSeg held-out, sites not in training, 20x": {"folder": "monuseg_train", "scale": 0.5, "unseen_sites": True,
+                                                     "input_scale": 2.0},
     "CoNSeP held-out tiles, 40x": {"folder": "consep_train", "scale": 1.0},
     "CoNSeP held-out tiles, 20x": {"folder": "consep_train", "scale": 0.5, "input_scale": 2.0},
 }
@@ -52,10 +57,27 @@ PAPER = [  # Table 4 (Kumar) of the paper, SAM ViT-B/H trained on GPU with the o
 COLUMNS = ["pq", "dq", "sq", "aji", "aji_plus", "f1_det"]
 
 
-def evaluate(folder: str, scale: float, method_args: list[str], model: Path, out: Path) -> dict:
+def unseen_site_images(folder: str) -> list[str]:
+    """Names of the held-out images of ``folder`` whose TCGA tissue-source site (``TCGA-<site>-...``) no training
+    image shares (the same split as ``--subset val``)."""
+    sys.path.insert(0, str(BUNDLE))
+    from scripts.scoring import list_dataset
+
+    def site(name: str) -> str:
+        return name.split("-")[1]
+
+    trained_sites = {site(it.name) for it in list_dataset(str(SHARED_DATA / folder), "auto", "train", 0.2, 0)}
+    return [it.name for it in list_dataset(str(SHARED_DATA / folder), "auto", "val", 0.2, 0)
+            if site(it.name) not in trained_sites]
+
+
+def evaluate(folder: str, scale: float, method_args: list[str], model: Path, out: Path,
+             images: list[str] | None = None) -> dict:
     cmd = ["evaluating", "--config_file", "configs/evaluate.json",
            "--dataset_dir", str(SHARED_DATA / folder), "--subset", "val", "--scale", str(scale),
            "--model_path", str(model), "--output_dir", str(out), *method_args]
+    if images:
+        cmd += ["--images", json.dumps(images)]
     bundle(*cmd)
     return json.loads((out / "metrics.json").read_text())
 
@@ -69,7 +91,7 @@ def cells(metrics: dict, columns=COLUMNS) -> str:
     return " | ".join(fmt(metrics.get(c)) for c in columns)
 
 
-def markdown(results: dict, model: Path, command: str) -> str:
+def markdown(results: dict, model: Path, command: str, unseen: list[str]) -> str:
     lines = [
         "## Quality on held-out real H&E",
         "",
@@ -78,6 +100,10 @@ def markdown(results: dict, model: Path, command: str) -> str:
         "images; CoNSeP: 5 of its 27 images = 80 tiles), scored by `configs/evaluate.json` (definitions in",
         "[metrics.md](metrics.md)). The 20x rows resample the same images to half size; with",
         "`--pipeline#input_scale 2` the pipeline is told the magnification and resamples them back to the model's 40x.",
+        f"\"Sites not in training\": {', '.join(unseen) or 'none'}, the held-out MoNuSeg images from TCGA tissue-source",
+        "sites (hospitals, hence their staining) that no training image comes from; their 20x rows, without",
+        "`input_scale`, are another source and another magnification at once. All TCGA slides were scanned by the same",
+        "project, so this is a partial proxy for a new lab; no H&E from another dataset is on this machine.",
         "",
         "| data | method | PQ | DQ | SQ | AJI | AJI+ | F1 det. | nuclei (true / predicted) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -115,35 +141,59 @@ def _class_names(by_method: dict) -> list[str]:
     return []
 
 
+def _without_options(argv: list[str], flags: set[str], with_value: set[str]) -> list[str]:
+    """``argv`` less the ``flags`` and the options in ``with_value`` with their value (the page's command line
+    reproduces the whole page)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in with_value:
+            skip = True
+        elif arg not in flags and arg.split("=")[0] not in with_value:
+            kept.append(arg)
+    return kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(BUNDLE / "models" / "model.pt"))
     parser.add_argument("--work", default="/tmp/quality")
     parser.add_argument("--output", default=str(REPO / "docs" / "results" / "quality.md"))
     parser.add_argument("--report_only", action="store_true", help="rewrite the page from the metrics in --work")
+    parser.add_argument("--only", default="", help="(re)evaluate only the sets whose name contains this text; the "
+                        "others are read from the metrics already in --work")
     args = parser.parse_args()
     model = Path(args.model).resolve()
     if not model.is_file():
         raise SystemExit(f"model file not found: {model}")
     if not SHARED_DATA.is_dir():
         raise SystemExit(f"the shared data is needed: {SHARED_DATA}")
+    selected_sets = [name for name in SETS if args.only in name]
+    if not selected_sets:
+        raise SystemExit(f"--only {args.only!r} matches none of the sets {list(SETS)}")
+    unseen = unseen_site_images("monuseg_train")
     results: dict[str, dict] = {}
     for set_name, spec in SETS.items():
+        if spec.get("unseen_sites") and not unseen:
+            continue
+        images = unseen if spec.get("unseen_sites") else None
         results[set_name] = {}
         methods = dict(METHODS)
         if "input_scale" in spec:  # the user says the magnification: the pipeline resamples to the model's 40x
             methods[f"PromptNucSeg, input_scale {spec['input_scale']:g} (resampled to 40x)"] = [
                 *METHODS["PromptNucSeg (this model)"], "--pipeline#input_scale", str(spec["input_scale"])]
         for method, method_args in methods.items():
-            out = Path(args.work) / f"{spec['folder']}_{spec['scale']}_{method_args[1]}_{method_args[-1]}"
-            if args.report_only:
+            out = Path(args.work) / (f"{spec['folder']}_{spec['scale']}_{method_args[1]}_{method_args[-1]}"
+                                     + ("_unseen_sites" if images else ""))
+            if args.report_only or set_name not in selected_sets:
                 results[set_name][method] = json.loads((out / "metrics.json").read_text())
             else:
-                results[set_name][method] = evaluate(spec["folder"], spec["scale"], method_args, model, out)
+                results[set_name][method] = evaluate(spec["folder"], spec["scale"], method_args, model, out, images)
             m = results[set_name][method]
             print(f"{set_name} | {method}: pq {fmt(m.get('pq'))} aji {fmt(m.get('aji'))}", flush=True)
-    command = " ".join(["python benchmarks/quality.py", *[a for a in sys.argv[1:] if a != "--report_only"]])
-    text = markdown(results, model, command)
+    command = " ".join(["python benchmarks/quality.py", *_without_options(sys.argv[1:], {"--report_only"}, {"--only"})])
+    text = markdown(results, model, command, unseen)
     print(text)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)

@@ -173,10 +173,10 @@ def test_monuseg_ground_truth_scores_one(shared_data: Path) -> None:
         assert m[key] == pytest.approx(1.0, abs=1e-6), key
 
 
-def _run_bundle(dataset: Path, pred: Path, out: Path) -> subprocess.CompletedProcess:
+def _run_bundle(dataset: Path, pred: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", "configs/evaluate.json"]
     cmd += ["--dataset_dir", str(dataset), "--dataset_format", "hovernet"]
-    cmd += ["--pred_dir", str(pred), "--output_dir", str(out)]
+    cmd += ["--pred_dir", str(pred), "--output_dir", str(out), *extra]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "2"}
     return subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -196,6 +196,12 @@ def test_bundle_evaluate_command(dataset: Path, predictions: Path, tmp_path: Pat
     assert proc.returncode != 0
     assert "no prediction for image 'b'" in proc.stderr and "b.mat" in proc.stderr
     assert not (tmp_path / "out2" / "metrics.json").exists()
+    kept = [it for it in list_items(dataset, "hovernet") if it.name != "b"]  # --images scores only those
+    proc = _run_bundle(dataset, predictions, tmp_path / "out3", "--images", json.dumps([it.name for it in kept]))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = json.loads((tmp_path / "out3" / "metrics.json").read_text())
+    assert written == _json_safe(score_dataset(kept, PredictionDir(predictions), CLASS_NAMES))
+    assert written["n_images"] == len(kept) >= 1
 
 
 def test_list_dataset_subsets_and_scale(shared_data: Path) -> None:
@@ -217,6 +223,22 @@ def test_list_dataset_subsets_and_scale(shared_data: Path) -> None:
         list_dataset(folders, "auto", "test")
     with pytest.raises(ValueError, match="dataset_dir is not set"):
         list_dataset("")
+
+
+def test_list_dataset_images_filter(shared_data: Path) -> None:
+    """``--images`` keeps the items whose name matches a shell pattern; a pattern that matches nothing is an error."""
+    from scripts.scoring import list_dataset
+
+    folder = str(shared_data / "monuseg_train")
+    val_names = [it.name for it in list_dataset(folder, "auto", "val", 0.2, 0)]
+    site = val_names[0][:8]  # "TCGA-XX-": one tissue-source site
+    picked = list_dataset(folder, "auto", "val", 0.2, 0, images=f"{site}*")
+    assert [it.name for it in picked] == [n for n in val_names if n.startswith(site)]
+    both = list_dataset(folder, "auto", "all", images=[val_names[0], "TCGA-21-*"])
+    assert {it.name for it in both} == {val_names[0]} | {n for n in (it.name for it in list_dataset(folder))
+                                                          if n.startswith("TCGA-21-")}
+    with pytest.raises(ValueError, match="images: pattern 'nothing-\\*' matches none"):
+        list_dataset(folder, "auto", "val", 0.2, 0, images=["TCGA-*", "nothing-*"])
 
 
 def test_watershed_baseline_finds_separated_and_touching_disks() -> None:

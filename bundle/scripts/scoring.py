@@ -10,6 +10,7 @@ Figures are those of :func:`scripts.metrics.summarize_scores`; undefined values 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import json
 import math
@@ -141,6 +142,7 @@ def list_dataset(
     val_fraction: float = 0.2,
     seed: int = 0,
     scale: float = 1.0,
+    images: str | Sequence[str] | None = None,
 ) -> list[DatasetItem]:
     """The items of a dataset (``scripts.readers.list_items``); errors name the parameter when unset or empty.
 
@@ -150,6 +152,8 @@ def list_dataset(
             held out / trained on (``scripts.data.train_val_items``, each folder split on its own).
         scale: resample images and labels by this factor (0.5: 40x data seen as 20x); images bilinear with
             anti-aliasing, label maps nearest-neighbour.
+        images: keep only the items whose name (file stem) matches one of these shell patterns
+            (``fnmatch``, e.g. ``"TCGA-CH-*"``), after the subset split; a pattern that matches nothing is an error.
     """
     from scripts.data import train_val_items
     from scripts.readers import list_items
@@ -165,11 +169,22 @@ def list_dataset(
         items = val if subset == "val" else train
     if not items:
         raise ValueError(f"no images found in dataset_dir {dataset_dir} (format {dataset_format})")
+    if images is not None:
+        items = _matching_items(items, [images] if isinstance(images, str) else list(images))
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     if scale != 1.0:
         items = [dataclasses.replace(it, loader=functools.partial(_rescaled, it.loader, scale)) for it in items]
     return items
+
+
+def _matching_items(items: list[DatasetItem], patterns: list[str]) -> list[DatasetItem]:
+    """The items whose name matches one of the shell ``patterns``; raises naming a pattern that matches none."""
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(it.name, pattern) for it in items):
+            raise ValueError(f"images: pattern {pattern!r} matches none of the {len(items)} images "
+                             f"(e.g. {', '.join(it.name for it in items[:3])})")
+    return [it for it in items if any(fnmatch.fnmatchcase(it.name, pattern) for pattern in patterns)]
 
 
 def _rescaled(loader: Callable[[], NucleusRecord], scale: float) -> NucleusRecord:
