@@ -9,16 +9,17 @@
 # stage 3, 4 px tokens and a 96 px window (configs/train_default_s4.json), from stage 2's best (30 epochs; the
 # shipped segmentor is its best, epoch 16). Then export:
 #   cd bundle && python -c "from scripts.export import export_model; export_model('runs/default/prompter/best.pt',
-#       'runs/default/segmentor_s4/best.pt', 'models/model.pt', half=True)"
+#       'runs/default/segmentor_s4/best.pt', 'models/model.pt', storage='float16')"
 # Prompter stage 2 (tried, not shipped: no better on the held-out images): `tools/train_default.sh prompter_ft`
 # continues the prompter from its best epoch for 20 more epochs (configs/train_default_prompter_ft.json: lr 1e-4,
 # decayed at epoch 14) into runs/default/prompter_ft. `tools/train_default.sh prompter_r18`: the prompter with a
 # torchvision ResNet-18 backbone from scratch (configs/train_default_prompter_r18.json, 60 epochs) into
 # runs/default/prompter_r18, the candidate for a better detector.
+# THREADS=2 tools/train_default.sh STAGE: torch threads per process (default 1; 2 when one stage runs alone).
 set -euo pipefail
 cd "$(dirname "$0")/../bundle"
 mkdir -p runs/default
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MLFLOW_DISABLE_TELEMETRY=true
+export OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1} MLFLOW_DISABLE_TELEMETRY=true
 export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647  # glibc: keep freed memory (25-45 % faster here)
 PY=${PY:-../.venv/bin/python}
 # launch STAGE NAME [CONFIG]: one training in the background, configs/train_default_CONFIG.json on top of the

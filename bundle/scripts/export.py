@@ -2,10 +2,15 @@
 
 File layout (``torch.save`` of plain containers, loadable with ``weights_only=True``)::
 
-    {"format": "promptnucseg/1",
+    {"format": "promptnucseg/2", "storage": "float32" | "float16" | "int8",
      "prompter": {"config": {num_classes, backbone, levels, anchor_step, fpn_channels, mlp_hidden, class_names},
-                  "state_dict": {...}},
-     "segmentor": {"config": {variant, image_size, overrides}, "state_dict": {...}}}
+                  "state_dict": {...}, "int8_scales": {...}},
+     "segmentor": {"config": {variant, image_size, overrides}, "state_dict": {...}, "int8_scales": {...}}}
+
+Storage ``float16`` keeps every floating-point tensor as float16; ``int8`` additionally stores each weight matrix /
+convolution kernel (2 or more dims, at least :data:`INT8_MIN_ELEMENTS` elements) as int8 with one float32 scale per
+output channel (symmetric, ``weight ~= int8 * scale``, scales in ``int8_scales`` under the same key). Loading
+restores float32 tensors. ``promptnucseg/1`` files (no ``storage``, no ``int8_scales``) are still read.
 """
 
 from __future__ import annotations
@@ -20,29 +25,80 @@ from scripts.pipeline import PromptNucSeg
 from scripts.prompter_net import Prompter
 from scripts.segmentor_net import build_segmentor
 
-MODEL_FORMAT = "promptnucseg/1"
+MODEL_FORMAT = "promptnucseg/2"
+READABLE_FORMATS = ("promptnucseg/1", MODEL_FORMAT)
+STORAGES = ("float32", "float16", "int8")
+INT8_MIN_ELEMENTS = 1024
+PARTS = ("prompter", "segmentor")
 
 
 def export_model(prompter_checkpoint: str | Path, segmentor_checkpoint: str | Path, output_path: str | Path,
-                 half: bool = False) -> Path:
+                 storage: str = "float32") -> Path:
     """Combine the best prompter and segmentor checkpoints of a training run into one model file.
 
     Args:
         prompter_checkpoint, segmentor_checkpoint: ``best.pt`` (or ``last.pt``) written by the training.
         output_path: the model file, e.g. ``models/model.pt`` (written atomically).
-        half: store floating-point weights as float16 (half the size; loaded back as float32).
+        storage: ``float32``; ``float16`` (half the size); ``int8`` (weight matrices as int8 with per-channel
+            scales, the rest float16: about a quarter of the float32 size). Loaded back as float32 either way.
     """
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     parts = {}
-    for name, path in (("prompter", prompter_checkpoint), ("segmentor", segmentor_checkpoint)):
+    for name, path in zip(PARTS, (prompter_checkpoint, segmentor_checkpoint)):
         checkpoint = load_checkpoint(path)
         if "config" not in checkpoint or "network" not in checkpoint:
             raise KeyError(f"{path}: not a training checkpoint of this bundle (needs 'network' and 'config')")
-        state = checkpoint["network"]
-        if half:
-            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-        parts[name] = {"config": checkpoint["config"], "state_dict": state}
-    atomic_torch_save({"format": MODEL_FORMAT, **parts}, output_path)
+        state, scales = pack_state_dict(checkpoint["network"], storage)
+        parts[name] = {"config": checkpoint["config"], "state_dict": state, "int8_scales": scales}
+    atomic_torch_save({"format": MODEL_FORMAT, "storage": storage, **parts}, output_path)
     return Path(output_path)
+
+
+def pack_state_dict(state: dict[str, torch.Tensor], storage: str
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``state`` in a model file's ``storage`` (see the module docstring): (packed tensors, int8 scales by key)."""
+    packed, scales = {}, {}
+    for key, value in state.items():
+        if not value.is_floating_point() or storage == "float32":
+            packed[key] = value
+        elif storage == "int8" and value.dim() >= 2 and value.shape[0] > 1 and value.numel() >= INT8_MIN_ELEMENTS:
+            rows = value.detach().float().reshape(value.shape[0], -1)
+            scale = rows.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+            packed[key] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(value.shape)
+            scales[key] = scale
+        else:
+            packed[key] = value.half()
+    return packed, scales
+
+
+def part_state_dict(model: dict, part: str) -> dict[str, torch.Tensor]:
+    """The float32 state dict of ``part`` (``prompter`` or ``segmentor``) of a loaded model file."""
+    scales = model[part].get("int8_scales") or {}
+    state = {}
+    for key, value in model[part]["state_dict"].items():
+        if key in scales:
+            state[key] = value.float() * scales[key].float().reshape(-1, *([1] * (value.dim() - 1)))
+        else:
+            state[key] = value.float() if value.is_floating_point() else value
+    return state
+
+
+def read_model_file(path: str | Path) -> dict:
+    """A model file's contents (``torch.load``, ``weights_only=True``), its format checked.
+
+    Raises:
+        FileNotFoundError: naming the missing file. ValueError: a file of another format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path} (train one, or point --model_path at a model.pt)")
+    model = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(model, dict) or model.get("format") not in READABLE_FORMATS:
+        found = model.get("format") if isinstance(model, dict) else type(model).__name__
+        raise ValueError(f"{path}: not a PromptNucSeg model file (format {found!r}, expected one of "
+                         f"{READABLE_FORMATS})")
+    return model
 
 
 def build_networks(model: dict) -> tuple[Prompter, torch.nn.Module]:
@@ -52,9 +108,8 @@ def build_networks(model: dict) -> tuple[Prompter, torch.nn.Module]:
                         anchor_step=p_cfg["anchor_step"], fpn_channels=p_cfg.get("fpn_channels", 256),
                         mlp_hidden=p_cfg.get("mlp_hidden", 256))
     segmentor = build_segmentor(variant=s_cfg["variant"], image_size=s_cfg["image_size"], **dict(s_cfg.get("overrides") or {}))
-    for name, net in (("prompter", prompter), ("segmentor", segmentor)):
-        state = {k: v.float() if v.is_floating_point() else v for k, v in model[name]["state_dict"].items()}
-        net.load_state_dict(state)
+    for name, net in zip(PARTS, (prompter, segmentor)):
+        net.load_state_dict(part_state_dict(model, name))
     return prompter.eval(), segmentor.eval()
 
 
@@ -64,17 +119,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **pipeline_
     Raises:
         FileNotFoundError: naming the missing file. ValueError: a file of another format.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path} (train one, or point --model_path at a model.pt)")
-    model = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(model, dict) or model.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not a PromptNucSeg model file (expected format {MODEL_FORMAT!r})")
-    prompter, segmentor = build_networks(model)
+    prompter, segmentor = build_networks(read_model_file(path))
     return PromptNucSeg(prompter, segmentor, **pipeline_kwargs).to(device).eval()
 
 
 def model_class_names(path: str | Path) -> list[str]:
     """Class names stored with the prompter (index i = class id i + 1)."""
-    model = torch.load(path, map_location="cpu", weights_only=True)
-    return list(model["prompter"]["config"].get("class_names") or [])
+    return list(read_model_file(path)["prompter"]["config"].get("class_names") or [])

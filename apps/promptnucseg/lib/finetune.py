@@ -93,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(BUNDLE_DIR))
     os.chdir(BUNDLE_DIR)
-    import torch
 
-    from scripts.export import MODEL_FORMAT, export_model
+    from scripts.export import export_model, part_state_dict, read_model_file
     from scripts.readers import list_items
 
     dataset_dir, work_dir = Path(opts.dataset_dir).resolve(), Path(opts.work_dir).resolve()
@@ -104,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     n_images = len(list_items(dataset_dir, "folder"))
     model = None
     if model_path.is_file():
-        model = torch.load(model_path, map_location="cpu", weights_only=True)
-        if not isinstance(model, dict) or model.get("format") != MODEL_FORMAT:
-            raise ValueError(f"{model_path}: not a PromptNucSeg model file")
+        model = read_model_file(model_path)
     else:
         logger.warning("no model at %s: training from the config's initialisation", model_path)
 
@@ -117,15 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     if model is not None:
         for name in ("prompter", "segmentor"):
             network = parser.get_parsed_content(f"{name}#network")  # the object the trainer will optimise
-            state = {k: v.float() if v.is_floating_point() else v for k, v in model[name]["state_dict"].items()}
-            network.load_state_dict(state)
+            network.load_state_dict(part_state_dict(model, name))
             logger.info("%s initialised from %s", name, model_path)
     parser.get_parsed_content("run")
 
     runs = work_dir / "runs"
     if output_path == model_path and model_path.is_file():
         shutil.copy2(model_path, model_path.with_name(model_path.stem + ".prev" + model_path.suffix))
-    export_model(_checkpoint(runs / "prompter"), _checkpoint(runs / "segmentor"), output_path)
+    storage = model.get("storage", "float32") if model is not None else "float32"  # as compact as the model
+    export_model(_checkpoint(runs / "prompter"), _checkpoint(runs / "segmentor"), output_path, storage=storage)
     stats = {"model_path": str(output_path), "images": n_images, "max_epochs": opts.max_epochs,
              "seconds": round(time.time() - start, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     (work_dir / "stats.json").write_text(json.dumps(stats, indent=2))

@@ -7,10 +7,8 @@ import os
 import threading
 from pathlib import Path
 
-import torch
-
 from lib.errors import RequestError
-from scripts.export import MODEL_FORMAT, load_model
+from scripts.export import load_model, model_class_names
 from scripts.pipeline import PromptNucSeg
 from scripts.records import load_class_table
 
@@ -65,9 +63,7 @@ class ModelStore:
         names: list[str] = []
         if mtime is not None:
             try:
-                model = torch.load(self.path, map_location="cpu", weights_only=True)
-                if isinstance(model, dict) and model.get("format") == MODEL_FORMAT:
-                    names = list(model["prompter"]["config"].get("class_names") or [])
+                names = model_class_names(self.path)
             except Exception as error:  # the infer call reports an unloadable file; here only the names matter
                 logger.error("cannot read class names from %s: %s", self.path, error)
         table = {k: v["name"] for k, v in load_class_table().items()}
