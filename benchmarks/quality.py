@@ -8,7 +8,8 @@ for every method), on the images the default training held out (``--subset val``
   magnification the model was not trained at), as they are and with ``--pipeline#input_scale 2`` (the user states
   the magnification and the pipeline resamples to 40x);
 - the held-out MoNuSeg images from TCGA tissue-source sites (hospitals: the code after ``TCGA-``) that no training
-  image comes from, at 40x and, as they are, at 20x: another source and another magnification at once;
+  image comes from, at 40x and at 20x (as they are: another source and another magnification at once; and with
+  ``input_scale 2``);
 - CoNSeP held-out 256 px tiles (typed: mPQ and per-class PQ too), at 40x and resampled to 20x (128 px tiles).
 
 Methods: PromptNucSeg (the model, automatic prompts), the same segmentor prompted by the ground-truth points
