@@ -89,9 +89,10 @@ def main() -> None:
                   "run of the same name; each stage counts its own epochs). The segmentor's stages: "
                   "`default-segmentor` (16 px tokens), `default-segmentor-s8` (8 px tokens on 128 px windows, from "
                   "the former's epoch 58), `default-segmentor-s4` (4 px tokens on 96 px windows, from the s8 stage's "
-                  "epoch 24; the shipped segmentor is its epoch 16). The prompter: `default-prompter` (shipped: "
-                  "epoch 58) and `default-prompter-ft` (20 more epochs from it: no better on the held-out images, "
-                  "not shipped).", "", "![validation curves](results/curves.png)", ""]
+                  "epoch 24; the shipped segmentor is its epoch 16). The prompter: `default-prompter-r18` (ResNet-18 "
+                  "backbone; shipped since 0.4.0: epoch 52), `default-prompter` (`resnet_small`, shipped in 0.3.0: "
+                  "epoch 58) and `default-prompter-ft` (20 more epochs of the latter: no better on the held-out "
+                  "images, not shipped).", "", "![validation curves](results/curves.png)", ""]
     parts += ["## Further measurements", ""]
     for page, what in LINKED:
         if (DOCS / page).is_file():
