@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "bundle"
 SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(BUNDLE))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bundle_cli import bundle  # noqa: E402
@@ -61,7 +62,6 @@ COLUMNS = ["pq", "dq", "sq", "aji", "aji_plus", "f1_det"]
 def unseen_site_images(folder: str) -> list[str]:
     """Names of the held-out images of ``folder`` whose TCGA tissue-source site (``TCGA-<site>-...``) no training
     image shares (the same split as ``--subset val``)."""
-    sys.path.insert(0, str(BUNDLE))
     from scripts.scoring import list_dataset
 
     def site(name: str) -> str:

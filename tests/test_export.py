@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import BUNDLE_ROOT
 from scripts.checkpoints import atomic_torch_save
-from scripts.export import (INT8_MIN_ELEMENTS, PARTS, export_model, load_model, part_state_dict, read_model_file)
+from scripts.export import INT8_MIN_ELEMENTS, PARTS, export_model, load_model, part_state_dict, read_model_file
+from scripts.inference import image_tensor
 from scripts.metrics import panoptic_quality
+from scripts.readers.common import read_image
 
 SHIPPED = BUNDLE_ROOT / "models" / "model.pt"
 SAMPLE = sorted((BUNDLE_ROOT / "sample_data" / "images").glob("*.png"))[0]
@@ -71,7 +71,7 @@ def test_storages_read_back_as_float32_within_their_precision(exported) -> None:
 
 @pytest.mark.slow
 def test_int8_model_finds_the_same_nuclei_on_a_sample_tile(exported) -> None:
-    image = torch.from_numpy(np.array(Image.open(SAMPLE).convert("RGB"))).permute(2, 0, 1).float()
+    image = image_tensor(read_image(SAMPLE))
     maps = {}
     for storage in ("float32", "int8"):
         with torch.no_grad():
