@@ -20,6 +20,7 @@ Writes ``docs/results/gpu.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -122,7 +123,8 @@ def markdown(info: dict, agree: dict, rows: list[tuple[str, float, float]], hove
         "",
         f"Measured {info['date']} by `benchmarks/gpu_check.py` on **{info['gpu']}** (host CPU: {info['cpu']}, "
         f"{info['threads']} threads), PyTorch {info['torch']}, {info['tiles']} held-out CoNSeP 256 px tiles. "
-        "Times are CUDA-synchronised wall times per tile (batch 1, median after a warm-up).",
+        "Times are CUDA-synchronised wall times per tile (batch 1, median after a warm-up). "
+        f"The shipped model is bundle version {info['version']}'s (`bundle/models/model.pt`).",
         "",
         "## Same nuclei as on the CPU",
         "",
@@ -167,7 +169,8 @@ def main() -> None:
     tiles = held_out_tiles(Path(args.data), args.tiles)
     gpu_name = torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else "no GPU (smoke run)"
     info = {"date": datetime.now().strftime("%Y-%m-%d"), "gpu": gpu_name, "cpu": cpu_name(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "tiles": len(tiles)}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "tiles": len(tiles),
+            "version": json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]}
     print(info, flush=True)
 
     shipped_gpu = load_model(args.model, device=gpu)

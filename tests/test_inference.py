@@ -45,6 +45,7 @@ IMAGE_OUTPUTS = ("_inst.tif", "_type.tif", ".geojson", ".csv", "_overlay.png")
 SLIDE_OUTPUTS = (".geojson", ".csv", "_overlay.png")
 MONUSEG = "TCGA-21-5784-01Z-00-DX1"
 CONSEP = ("train_10_000", "train_11_005")
+BUNDLE_DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"  # as configs/inference.json
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -58,7 +59,8 @@ def model_file(tmp_path_factory, shared_data) -> Path:
 
 @pytest.fixture(scope="module")
 def model(model_file):
-    return load_model(model_file, "cpu")
+    """The model on the device the bundle's inference config picks (its results are compared with the bundle's)."""
+    return load_model(model_file, BUNDLE_DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +178,8 @@ def test_bundle_matches_in_process_pipeline(bundle_outputs, image_dir, model):
     for name in (f"{CONSEP[1]}.png", "small_100x90.png"):
         result = model(image_tensor(read_image(image_dir / name)))
         inst = tifffile.imread(out / f"{Path(name).stem}_inst.tif")
-        np.testing.assert_array_equal(inst, result["inst_map"].numpy())
-        np.testing.assert_array_equal(tifffile.imread(out / f"{Path(name).stem}_type.tif"), result["type_map"].numpy())
+        np.testing.assert_array_equal(inst, result["inst_map"].cpu().numpy())
+        np.testing.assert_array_equal(tifffile.imread(out / f"{Path(name).stem}_type.tif"), result["type_map"].cpu().numpy())
 
 
 def test_blank_tile_gives_empty_outputs_not_an_error(tmp_path, model_file, shared_data):
@@ -369,7 +371,7 @@ def test_slide_at_level1_gives_level0_coordinates(small_slide_file, model_file, 
         assert (slide.levels[1].width, slide.levels[1].height) == (512, 512)
         level1 = wsi.read_level_region(slide, 1, 0, 0, 512, 512)
     result = model(image_tensor(level1))
-    inst = result["inst_map"].numpy()
+    inst = result["inst_map"].cpu().numpy()
     assert len(rows) == len(result["classes"]) > 0
     n = len(rows) + 1
     rr, cc = np.indices(inst.shape)
@@ -406,7 +408,7 @@ def test_slide_coarser_than_asked_is_enlarged_for_the_model(small_slide_file, mo
     result = model(image_tensor(level0), input_scale=2.0)
     assert len(rows) == len(result["classes"]) > 0
     got = sorted((round(float(r["centroid_x"])), round(float(r["centroid_y"]))) for r in rows)
-    inst = result["inst_map"].numpy()
+    inst = result["inst_map"].cpu().numpy()
     n = len(rows) + 1
     rr, cc = np.indices(inst.shape)
     area = np.bincount(inst.ravel(), minlength=n)
