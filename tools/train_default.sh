@@ -14,7 +14,7 @@
 # continues the prompter from its best epoch for 20 more epochs (configs/train_default_prompter_ft.json: lr 1e-4,
 # decayed at epoch 14) into runs/default/prompter_ft. `tools/train_default.sh prompter_r18`: the prompter with a
 # torchvision ResNet-18 backbone from scratch (configs/train_default_prompter_r18.json, 60 epochs) into
-# runs/default/prompter_r18: the shipped prompter (0.4.0: its epoch 52; best.pt is now epoch 56), in int8 storage:
+# runs/default/prompter_r18: the shipped prompter (0.4.0: its epoch 52; 0.4.1: its best, epoch 56), in int8 storage:
 #   cd bundle && python -c "from scripts.export import export_model; export_model('runs/default/prompter_r18/best.pt',
 #       'runs/default/segmentor_s4/best.pt', 'models/model.pt', storage='int8')"
 # THREADS=2 tools/train_default.sh STAGE: torch threads per process (default 1; 2 when one stage runs alone).
