@@ -1,10 +1,11 @@
 """Inference-time ablations of a trained model on held-out real H&E (paper Tables 6 and 7, test side):
-mask-aided prompt filtering on/off, K = 0/1/2 negative prompts at test time, and the prompter's detection rule
-(argmax over background and classes, the official rule, or the summed class probability >= 0.5).
+mask-aided prompt filtering on/off, K = 0/1/2 negative prompts at test time, the prompter's detection rule
+(argmax over background and classes, the official rule, or the summed class probability >= 0.5) and the prompter's
+test-time augmentation (``scripts/prompter_tta.py``).
 
 Every figure comes from the bundle's ``evaluating`` command (``--subset val``: the images the default training held
-out) with ``--pipeline#mask_filter`` / ``--pipeline#num_neg`` / ``--pipeline#foreground_threshold`` changed, nothing
-else. Writes ``docs/benchmarks/inference_ablation.md``.
+out) with ``--pipeline#mask_filter`` / ``--pipeline#num_neg`` / ``--pipeline#foreground_threshold`` /
+``--pipeline#prompter_tta`` changed, nothing else. Writes ``docs/benchmarks/inference_ablation.md``.
 
     .venv/bin/python benchmarks/ablation_inference.py [--model bundle/models/model.pt] [--work /tmp/ablation_inference]
 """
@@ -27,6 +28,7 @@ SETTINGS = {
     "K = 0 negative prompts": ["--pipeline#num_neg", "0"],
     "K = 2 negative prompts": ["--pipeline#num_neg", "2"],
     "nucleus if p(any class) >= 0.5, not argmax": ["--pipeline#foreground_threshold", "0.5"],
+    "prompter TTA: 8 flips/turns, points found in >= 4": ["--pipeline#prompter_tta", "True"],
 }
 SETS = {"MoNuSeg held-out, 40x": "monuseg_train", "CoNSeP held-out tiles, 40x": "consep_train"}
 

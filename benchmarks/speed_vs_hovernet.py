@@ -3,7 +3,8 @@
 1. Per 256 px tile, on the same real H&E tiles (CoNSeP tiles held out by the default training's split; MoNuSeg
    crops without the shared data), in one process, alternating tile by tile:
    - PromptNucSeg end to end (``PromptNucSeg.forward``: prompter, prompt decoding + NMS, image encoder, mask
-     decoder batched over the tile's prompts, stitching) and each stage;
+     decoder batched over the tile's prompts, stitching) and each stage; and end to end with the prompter's
+     test-time augmentation (``prompter_tta``: 8 prompter passes);
    - ``monai.networks.nets.HoVerNet`` (fast mode, 4 CoNSeP classes, batch 1; weights random: its time does not
      depend on them) plus MONAI's ``HoVerNetInstanceMapPostProcessingd`` and ``HoVerNetNuclearTypePostProcessingd``
      run on the tile's ground truth turned into HoVer-Net outputs (``ComputeHoVerMaps``), so that the watershed
@@ -138,10 +139,14 @@ class HoverNetRunner:
 
 
 # ---------------------------------------------------------------------------------------------- measurements
-def time_tiles(network, hovernet: HoverNetRunner, tiles: list[NucleusRecord]) -> dict:
-    """Per tile seconds of each stage of both methods, alternating tile by tile (after one warm-up of each)."""
+def time_tiles(network, hovernet: HoverNetRunner, tiles: list[NucleusRecord], network_tta=None) -> dict:
+    """Per tile seconds of each stage of both methods, alternating tile by tile (after one warm-up of each); with
+    ``network_tta`` (the model with prompter test-time augmentation), its end-to-end seconds too."""
     network(image_tensor(tiles[0].image))
     hovernet.forward(tiles[0].image)
+    if network_tta is not None:
+        network_tta(image_tensor(tiles[0].image))
+    tta: list[float] = []
     ours: list[Stopwatch] = []
     theirs: dict[str, list[float]] = {"network": [], "post-processing": []}
     prompts: list[int] = []
@@ -155,6 +160,8 @@ def time_tiles(network, hovernet: HoverNetRunner, tiles: list[NucleusRecord]) ->
         theirs["network"].append(_seconds(lambda: hovernet.forward(record.image)))
         outputs = hovernet.outputs_from_truth(record)
         theirs["post-processing"].append(_seconds(lambda: hovernet.postprocess(outputs)))
+        if network_tta is not None:
+            tta.append(_seconds(lambda: network_tta(tensor)))
     stages = ["prompter network", "prompt decoding + NMS", "encoder", "decoder", "stitching", "total"]
     return {
         "ours": {s: statistics.median(w.seconds[s] for w in ours) for s in stages},
@@ -162,6 +169,7 @@ def time_tiles(network, hovernet: HoverNetRunner, tiles: list[NucleusRecord]) ->
         "hovernet": {k: statistics.median(v) for k, v in theirs.items()},
         "hovernet_mean_total": statistics.mean(a + b for a, b in zip(*theirs.values())),
         "nuclei_median": statistics.median(prompts),
+        "tta_total": statistics.median(tta) if tta else None,
     }
 
 
@@ -273,6 +281,8 @@ def markdown(info: dict, model_note: str, tiles_note: str, t: dict, fl: dict, ra
         f"| &nbsp; mask decoder ({t['nuclei_median']:.0f} prompts) | {ours['decoder']:.3f} | {fl['decoder'] / 1e9:.1f} | "
         f"{fl['decoder'] / 1e9 / rate:.3f} |",
         f"| &nbsp; stitching | {ours['stitching']:.3f} | – | – |",
+        *([f"| PromptNucSeg with prompter TTA (`--prompter_tta true`, 8 prompter passes), end to end | "
+           f"{t['tta_total']:.3f} | – | – |"] if t.get("tta_total") else []),
         f"| HoVer-Net (fast), end to end | {hv_total:.3f} | {fl['hovernet'] / 1e9:.1f} | {fl['hovernet'] / 1e9 / rate:.3f} |",
         f"| &nbsp; network | {hv['network']:.3f} | {fl['hovernet'] / 1e9:.1f} | {fl['hovernet'] / 1e9 / rate:.3f} |",
         f"| &nbsp; post-processing (MONAI) | {hv['post-processing']:.3f} | – | – |",
@@ -329,7 +339,7 @@ def main() -> None:
     network = load_model(model_path, "cpu")
     hovernet = HoverNetRunner()
     print(f"machine: {info}", flush=True)
-    timing = time_tiles(network, hovernet, tiles)
+    timing = time_tiles(network, hovernet, tiles, load_model(model_path, "cpu", prompter_tta=True))
     print(f"per tile: ours {timing['ours']}, HoVer-Net {timing['hovernet']}", flush=True)
     rate = matmul_gflops(args.threads)
     fl = stage_flops(network, hovernet, tiles[0], int(round(timing["nuclei_median"])) or 1)

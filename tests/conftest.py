@@ -19,6 +19,16 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ.get("PNS_TEST_THREADS", "2")))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a shared 2-core
+    machine, OpenMP spinning makes 2 threads up to 10x slower for small tensors."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared real data folder; the tests that use it fail loudly when it is missing."""

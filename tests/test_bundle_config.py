@@ -59,6 +59,9 @@ def test_network_def_runs_on_declared_input(tmp_path):
     assert out["type_map"].shape == tuple(shape)
     n = int(out["inst_map"].max())
     assert out["points"].shape == (n, 2) and out["classes"].shape == (n,) and out["ious"].shape == (n,)
+    assert net.prompter_tta is False
+    parser.update({"prompter_tta": True})  # as ``--prompter_tta true`` on the command line
+    assert parser.get_parsed_content("network_def", lazy=False).prompter_tta is True
 
 
 def test_missing_model_file_is_a_clear_error(tmp_path):

@@ -374,6 +374,18 @@ def test_missing_model_file_is_named(tmp_path):
     assert error.value.status_code == 503 and str(missing) in error.value.detail
 
 
+def test_conf_options_reach_the_pipeline(tmp_path):
+    """``--conf prompter_tta true`` / ``min_area 5`` become the served pipeline's options; a bad value is named."""
+    from lib.configs.promptnucseg import PromptNucSegConfig
+
+    conf = {"model_path": str(tmp_path / "model.pt"), "prompter_tta": "True", "min_area": "5"}
+    config = PromptNucSegConfig()
+    config.init("promptnucseg", str(tmp_path), conf, None)
+    assert config.store.pipeline_kwargs == {"prompter_tta": True, "min_area": 5}
+    with pytest.raises(ValueError, match="--conf prompter_tta 'maybe': expected true or false"):
+        PromptNucSegConfig().init("promptnucseg", str(tmp_path), {**conf, "prompter_tta": "maybe"}, None)
+
+
 def _qupath_label(inst: np.ndarray, types: np.ndarray) -> str:
     """An ASAP XML label as QuPath's 'Submit Label' writes it (whole image: X = Y = W = H = 0)."""
     from scripts.measurements import instance_polygons

@@ -10,13 +10,7 @@ import torch
 from scripts.matching import AnchorMatcher, hungarian_match, match_cost
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP spinning makes 2 threads up to 10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_force_best(cost: torch.Tensor) -> float:

@@ -20,13 +20,7 @@ from scripts.prompter_net import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP spinning makes 2 threads up to 10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = dict(backbone="resnet_small", fpn_channels=32, mlp_hidden=32)

@@ -10,13 +10,7 @@ import torch
 from scripts.prompter_post import decode_prompts, point_nms
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP spinning makes 2 threads up to 10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BIG = 10.0  # a logit that wins the softmax outright

@@ -25,6 +25,7 @@ from segment_anything.modeling import ImageEncoderViT
 
 from scripts.prompt_sampling import knn_negative_prompts
 from scripts.prompter_post import decode_prompts, point_nms
+from scripts.prompter_tta import prompts_tta
 from scripts.segmentor_net import decode_at_points, window_origins
 
 
@@ -94,6 +95,8 @@ class PromptNucSeg(nn.Module):
         foreground_threshold: a prompter anchor is a nucleus when its summed nucleus-class probability reaches
             this; None: when its argmax is not background (the official rule). See
             :func:`scripts.prompter_post.decode_prompts`.
+        prompter_tta: find the prompts of each prompter tile on its 8 flips and quarter-turns and keep the points
+            found in at least 4 of them (:mod:`scripts.prompter_tta`): 8 prompter passes instead of 1.
         min_area: instances with fewer pixels (after overlap resolution) are dropped.
         tile_overlap: overlap between neighbouring tiles in px (context = half of it at least), of the prompter's
             tiles and of the segmentor encoder's (there at most half a tile, rounded down to whole token pairs).
@@ -120,6 +123,7 @@ class PromptNucSeg(nn.Module):
         nms_radius: float = 12,
         score_threshold: float | None = None,
         foreground_threshold: float | None = None,
+        prompter_tta: bool = False,
         min_area: int = 10,
         tile_overlap: int = 128,
         prompter_tile_size: int | None = 1024,
@@ -137,6 +141,7 @@ class PromptNucSeg(nn.Module):
         self.nms_radius = nms_radius
         self.score_threshold = score_threshold
         self.foreground_threshold = foreground_threshold
+        self.prompter_tta = prompter_tta
         self.min_area = min_area
         self.tile_overlap = tile_overlap
         self.prompter_tile_size = prompter_tile_size
@@ -219,10 +224,13 @@ class PromptNucSeg(nn.Module):
         found = []
         for tile in tile_grid(height, width, size, overlap):
             crop = image[:, tile.y0 : tile.y0 + size, tile.x0 : tile.x0 + size]
-            outputs = self.prompter(crop[None].to(self._device(self.prompter)))
-            pred = decode_prompts(outputs, image_size=tuple(crop.shape[-2:]), score_threshold=self.score_threshold,
-                                  foreground_threshold=self.foreground_threshold, mask_filter=self.mask_filter,
-                                  nms_radius=self.nms_radius)[0]
+            batch = crop[None].to(self._device(self.prompter))
+            options = {"score_threshold": self.score_threshold, "foreground_threshold": self.foreground_threshold,
+                       "mask_filter": self.mask_filter, "nms_radius": self.nms_radius}
+            if self.prompter_tta:
+                pred = prompts_tta(self.prompter, batch, **options)
+            else:
+                pred = decode_prompts(self.prompter(batch), image_size=tuple(crop.shape[-2:]), **options)[0]
             points = pred["points"].cpu() + torch.tensor([tile.x0, tile.y0], dtype=torch.float32)
             keep = tile.core_holds(points)
             found.append({"points": points[keep], "classes": pred["classes"].cpu()[keep],

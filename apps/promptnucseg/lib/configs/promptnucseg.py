@@ -9,6 +9,8 @@ model_path             ``<repo>/bundle/models/model.pt``       the model file (`
 device                 cuda if available, else cpu             where the pipeline runs
 max_region_area        16777216 (4096 x 4096)                  largest region (px) one request may ask for
 nms_radius, min_area   the pipeline's (12 px, 10 px)           inference options of the pipeline
+prompter_tta           false                                   true: prompts from the prompter's 8 flips and
+                                                               quarter-turns of the image (8x its time)
 exclude_radius         12                                      px: prompter points this close to a click are
                                                                the clicked nucleus, not a negative neighbour
 min_click_probability  0.5                                     nuclear probability a click needs
@@ -44,7 +46,16 @@ def _conf(conf: dict, key: str, default: Any, kind: type) -> Any:
     try:
         return kind(value)
     except ValueError as error:
-        raise ValueError(f"--conf {key} {value!r}: expected a {kind.__name__}") from error
+        expected = "true or false" if kind is _flag else f"a {kind.__name__}"
+        raise ValueError(f"--conf {key} {value!r}: expected {expected}") from error
+
+
+def _flag(value: str) -> bool:
+    """A yes/no ``--conf`` value: true/false, yes/no, 1/0 (any case)."""
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "yes", "no", "1", "0"):
+        raise ValueError(f"not a yes/no value: {value!r}")
+    return text in ("true", "yes", "1")
 
 
 class PromptNucSegConfig(TaskConfig):
@@ -54,7 +65,7 @@ class PromptNucSegConfig(TaskConfig):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.path = Path(os.path.abspath(conf.get("model_path") or DEFAULT_MODEL_PATH))
         pipeline_kwargs = {}
-        for key, kind in (("nms_radius", float), ("min_area", int)):
+        for key, kind in (("nms_radius", float), ("min_area", int), ("prompter_tta", _flag)):
             if conf.get(key):
                 pipeline_kwargs[key] = _conf(conf, key, None, kind)
         self.store = ModelStore(self.path, **pipeline_kwargs)
