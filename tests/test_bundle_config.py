@@ -92,3 +92,24 @@ def test_default_training_config_mixes_typed_and_untyped_data(shared_data):
     assert names.count(train[-1].name) == 15 and len(names) == len(train) - 10 + 150  # 10 MoNuSeg images x 15
     assert parser.get_parsed_content("segmentor#max_epochs") == 100
     assert parser.get_parsed_content("prompter#lr_decay_epoch") == 48
+
+
+def test_prompter_with_scale_and_stain_augmentation_config(shared_data):
+    """``configs/train_default_prompter_r18_aug.json``: its training samples are 256 px crops with integer labels,
+    and every point lies on a nucleus of the (zoomed) instance map."""
+    from monai.utils import set_determinism
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in ("train.json", "train_default.json",
+                                                          "train_default_prompter_r18_aug.json")])
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    parser["data_root"] = str(shared_data)
+    assert parser.get_parsed_content("prompter#lr_decay_epoch") == 96
+    set_determinism(0)
+    dataset = parser.get_parsed_content("prompter#train#dataset")
+    for index in range(0, len(dataset), len(dataset) // 12):
+        sample = dataset[index]
+        assert sample["image"].shape == (3, 256, 256) and sample["inst"].dtype == torch.int32
+        rows, cols = sample["points"][:, 1].round().long(), sample["points"][:, 0].round().long()
+        assert (sample["inst"][0, rows, cols] > 0).all()
+    set_determinism(None)

@@ -17,6 +17,9 @@
 # runs/default/prompter_r18: the shipped prompter (0.4.0: its epoch 52; 0.4.1: its best, epoch 56), in int8 storage:
 #   cd bundle && python -c "from scripts.export import export_model; export_model('runs/default/prompter_r18/best.pt',
 #       'runs/default/segmentor_s4/best.pt', 'models/model.pt', storage='int8')"
+# `tools/train_default.sh prompter_r18_aug` (next candidate, started 2026-11-26): the same ResNet-18 prompter from
+# scratch for 120 epochs (lr x0.1 at 96) with scale (RandZoomd 0.8-1.25) and H&E stain (scripts/stain_augment.py)
+# augmentation (configs/train_default_prompter_r18_aug.json) into runs/default/prompter_r18_aug.
 # THREADS=2 tools/train_default.sh STAGE: torch threads per process (default 1; 2 when one stage runs alone).
 set -euo pipefail
 cd "$(dirname "$0")/../bundle"
@@ -39,6 +42,7 @@ case "${1:-}" in
     sleep 45  # let the first process create the MLflow store
     launch segmentor segmentor ;;
   s8 | s4) launch segmentor "segmentor_$1" "$1" ;;  # segmentor stage 2 (8 px tokens) or 3 (4 px tokens)
-  prompter_ft | prompter_r18) launch prompter "$1" "$1" ;;  # prompter variants (see above)
-  *) echo "train_default.sh: unknown stage '$1' (none, s8, s4, prompter_ft or prompter_r18)" >&2; exit 2 ;;
+  prompter_ft | prompter_r18 | prompter_r18_aug) launch prompter "$1" "$1" ;;  # prompter variants (see above)
+  *) echo "train_default.sh: unknown stage '$1' (none, s8, s4, prompter_ft, prompter_r18 or prompter_r18_aug)" >&2
+     exit 2 ;;
 esac
