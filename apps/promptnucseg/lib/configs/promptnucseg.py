@@ -10,7 +10,7 @@ device                 cuda if available, else cpu             where the pipelin
 max_region_area        16777216 (4096 x 4096)                  largest region (px) one request may ask for
 nms_radius, min_area   the pipeline's (12 px, 10 px)           inference options of the pipeline
 prompter_tta           false                                   true: prompts from the prompter's 8 flips and
-                                                               quarter-turns of the image (8x its time)
+                                                               quarter-turns of the image (8 prompter passes)
 exclude_radius         12                                      px: prompter points this close to a click are
                                                                the clicked nucleus, not a negative neighbour
 min_click_probability  0.5                                     nuclear probability a click needs
