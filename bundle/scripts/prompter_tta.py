@@ -69,9 +69,10 @@ def prompts_tta(prompter: nn.Module, image: torch.Tensor, views: tuple[int, ...]
         raise ValueError(f"min_views must be in 1..{len(views)} (the number of views), got {min_views}")
     height, width = image.shape[-2:]
     points, classes, scores, view_ids = [], [], [], []
+    # the views of one shape, (H, W) or (W, H), run as one batch
     for shape_views in (tuple(k for k in views if k % 2 == 0), tuple(k for k in views if k % 2 == 1)):
         if not shape_views:
-            continue  # the views of one (H, W) shape run as one batch
+            continue
         batch = torch.cat([dihedral_view(image, k) for k in shape_views])
         decoded = decode_prompts(prompter(batch), image_size=tuple(batch.shape[-2:]), **decode_options)
         for k, found in zip(shape_views, decoded):
@@ -117,5 +118,5 @@ def _nearest_per_view(seed: int, candidates: np.ndarray, xy: np.ndarray, view: n
     candidates = candidates[~used[candidates] & (view[candidates] != view[seed])]
     distance = np.linalg.norm(xy[candidates] - xy[seed], axis=1)
     candidates = candidates[np.lexsort((distance, view[candidates]))]  # by view, nearest first
-    first_of_view = np.r_[True, view[candidates][1:] != view[candidates][:-1]] if len(candidates) else []
+    first_of_view = np.r_[True, view[candidates][1:] != view[candidates][:-1]] if len(candidates) else np.zeros(0, bool)
     return np.r_[seed, candidates[first_of_view]].astype(np.int64)

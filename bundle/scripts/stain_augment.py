@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import MapTransform, RandomizableTransform
-from monai.utils import convert_to_dst_type
+from monai.utils import TransformBackends, convert_to_dst_type
 from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
 
 
@@ -46,7 +46,7 @@ class RandHEStaind(RandomizableTransform, MapTransform):
         bias: the largest additive change of each stain's concentration (optical density, natural log).
     """
 
-    backend = ["numpy"]
+    backend = [TransformBackends.NUMPY]
 
     def __init__(self, keys: Sequence[str] | str = "image", prob: float = 0.5, sigma: float = 0.05,
                  bias: float = 0.05) -> None:
