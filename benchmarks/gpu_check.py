@@ -41,7 +41,7 @@ from machine import cpu_name  # noqa: E402
 from scripts.export import load_model  # noqa: E402
 from scripts.inference import image_tensor  # noqa: E402
 from scripts.metrics import panoptic_quality  # noqa: E402
-from scripts.records import NucleusRecord  # noqa: E402
+from scripts.records import METADATA_PATH, NucleusRecord  # noqa: E402
 from speed_vs_hovernet import HoverNetRunner  # noqa: E402
 
 
@@ -171,7 +171,7 @@ def main() -> None:
     gpu_name = torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else "no GPU (smoke run)"
     info = {"date": datetime.now().strftime("%Y-%m-%d"), "gpu": gpu_name, "cpu": cpu_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "tiles": len(tiles),
-            "version": json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]}
+            "version": json.loads(METADATA_PATH.read_text())["version"]}
     print(info, flush=True)
 
     shipped_gpu = load_model(args.model, device=gpu)

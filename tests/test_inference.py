@@ -179,7 +179,8 @@ def test_bundle_matches_in_process_pipeline(bundle_outputs, image_dir, model):
         result = model(image_tensor(read_image(image_dir / name)))
         inst = tifffile.imread(out / f"{Path(name).stem}_inst.tif")
         np.testing.assert_array_equal(inst, result["inst_map"].cpu().numpy())
-        np.testing.assert_array_equal(tifffile.imread(out / f"{Path(name).stem}_type.tif"), result["type_map"].cpu().numpy())
+        np.testing.assert_array_equal(tifffile.imread(out / f"{Path(name).stem}_type.tif"),
+                                      result["type_map"].cpu().numpy())
 
 
 def test_blank_tile_gives_empty_outputs_not_an_error(tmp_path, model_file, shared_data):

@@ -221,12 +221,12 @@ class PromptNucSeg(nn.Module):
         height, width = image.shape[-2:]
         size = self.prompter_tile_size or max(height, width)
         overlap = min(self.tile_overlap, size // 2) if size < max(height, width) else 0
+        options = {"score_threshold": self.score_threshold, "foreground_threshold": self.foreground_threshold,
+                   "mask_filter": self.mask_filter, "nms_radius": self.nms_radius}
         found = []
         for tile in tile_grid(height, width, size, overlap):
             crop = image[:, tile.y0 : tile.y0 + size, tile.x0 : tile.x0 + size]
             batch = crop[None].to(self._device(self.prompter))
-            options = {"score_threshold": self.score_threshold, "foreground_threshold": self.foreground_threshold,
-                       "mask_filter": self.mask_filter, "nms_radius": self.nms_radius}
             if self.prompter_tta:
                 pred = prompts_tta(self.prompter, batch, **options)
             else:
