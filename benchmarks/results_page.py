@@ -89,10 +89,12 @@ def main() -> None:
                   "run of the same name; each stage counts its own epochs). The segmentor's stages: "
                   "`default-segmentor` (16 px tokens), `default-segmentor-s8` (8 px tokens on 128 px windows, from "
                   "the former's epoch 58), `default-segmentor-s4` (4 px tokens on 96 px windows, from the s8 stage's "
-                  "epoch 24; the shipped segmentor is its epoch 16). The prompter: `default-prompter-r18` (ResNet-18 "
-                  "backbone; shipped in 0.4.0: epoch 52, since 0.4.1: epoch 56), `default-prompter` (`resnet_small`, shipped in 0.3.0: "
-                  "epoch 58) and `default-prompter-ft` (20 more epochs of the latter: no better on the held-out "
-                  "images, not shipped).", "", "![validation curves](results/curves.png)", ""]
+                  "epoch 24; the shipped segmentor is its epoch 16). The prompter: `default-prompter-r18-aug` (ResNet-18 "
+                  "backbone, 120 epochs with scale and H&E stain augmentation; shipped since 0.5.0: epoch 102), "
+                  "`default-prompter-r18` (the same without them, 60 epochs; shipped in 0.4.0: epoch 52, in 0.4.1: "
+                  "epoch 56), `default-prompter` (`resnet_small`, shipped in 0.3.0: epoch 58) and "
+                  "`default-prompter-ft` (20 more epochs of the latter: no better on the held-out images, not "
+                  "shipped).", "", "![validation curves](results/curves.png)", ""]
     parts += ["## Further measurements", ""]
     for page, what in LINKED:
         if (DOCS / page).is_file():

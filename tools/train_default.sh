@@ -14,12 +14,13 @@
 # continues the prompter from its best epoch for 20 more epochs (configs/train_default_prompter_ft.json: lr 1e-4,
 # decayed at epoch 14) into runs/default/prompter_ft. `tools/train_default.sh prompter_r18`: the prompter with a
 # torchvision ResNet-18 backbone from scratch (configs/train_default_prompter_r18.json, 60 epochs) into
-# runs/default/prompter_r18: the shipped prompter (0.4.0: its epoch 52; 0.4.1: its best, epoch 56), in int8 storage:
-#   cd bundle && python -c "from scripts.export import export_model; export_model('runs/default/prompter_r18/best.pt',
-#       'runs/default/segmentor_s4/best.pt', 'models/model.pt', storage='int8')"
-# `tools/train_default.sh prompter_r18_aug` (next candidate, started 2026-11-26): the same ResNet-18 prompter from
-# scratch for 120 epochs (lr x0.1 at 96) with scale (RandZoomd 0.8-1.25) and H&E stain (scripts/stain_augment.py)
-# augmentation (configs/train_default_prompter_r18_aug.json) into runs/default/prompter_r18_aug.
+# runs/default/prompter_r18: the prompter of 0.4.0 (its epoch 52) and 0.4.1 (its best, epoch 56).
+# `tools/train_default.sh prompter_r18_aug`: the same ResNet-18 prompter from scratch for 120 epochs (lr x0.1 at 96)
+# with scale (RandZoomd 0.8-1.25) and H&E stain (scripts/stain_augment.py) augmentation
+# (configs/train_default_prompter_r18_aug.json) into runs/default/prompter_r18_aug: the shipped prompter since 0.5.0
+# (its best, epoch 102), in int8 storage:
+#   cd bundle && python -c "from scripts.export import export_model; export_model(
+#       'runs/default/prompter_r18_aug/best.pt', 'runs/default/segmentor_s4/best.pt', 'models/model.pt', storage='int8')"
 # THREADS=2 tools/train_default.sh STAGE: torch threads per process (default 1; 2 when one stage runs alone).
 set -euo pipefail
 cd "$(dirname "$0")/../bundle"
