@@ -20,7 +20,8 @@
 # (configs/train_default_prompter_r18_aug.json) into runs/default/prompter_r18_aug: the shipped prompter since 0.5.0
 # (its best, epoch 102), in int8 storage:
 #   cd bundle && python -c "from scripts.export import export_model; export_model(
-#       'runs/default/prompter_r18_aug/best.pt', 'runs/default/segmentor_s4/best.pt', 'models/model.pt', storage='int8')"
+#       'runs/default/prompter_r18_aug/best.pt', 'runs/default/segmentor_s4/best.pt', 'models/model.pt',
+#       storage='int8')"
 # THREADS=2 tools/train_default.sh STAGE: torch threads per process (default 1; 2 when one stage runs alone).
 set -euo pipefail
 cd "$(dirname "$0")/../bundle"
