@@ -1,7 +1,7 @@
 """Inference-time ablations of a trained model on held-out real H&E (paper Tables 6 and 7, test side):
 mask-aided prompt filtering on/off, K = 0/1/2 negative prompts at test time, the prompter's detection rule
 (argmax over background and classes, the official rule, or the summed class probability >= 0.5) and the prompter's
-test-time augmentation (``scripts/prompter_tta.py``).
+test-time augmentation (``scripts/prompter/tta.py``).
 
 Every figure comes from the bundle's ``evaluating`` command (``--subset val``: the images the default training held
 out) with ``--pipeline#mask_filter`` / ``--pipeline#num_neg`` / ``--pipeline#foreground_threshold`` /

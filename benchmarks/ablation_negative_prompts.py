@@ -27,8 +27,8 @@ sys.path.insert(0, str(BUNDLE))
 
 from bundle_cli import bundle  # noqa: E402
 from machine import cpu_name  # noqa: E402
-from scripts.export import export_model  # noqa: E402
-from scripts.synthetic import write_synthetic_dataset  # noqa: E402
+from scripts.pipeline.model_file import export_model  # noqa: E402
+from scripts.data.synthetic import write_synthetic_dataset  # noqa: E402
 
 
 def machine() -> str:
@@ -110,7 +110,7 @@ def main() -> None:
         f"Machine: {start_machine} (start); {machine()} (end)." if not args.report_only else
         "Machine: AMD EPYC, 2 cores, 1 torch thread per process, shared with other trainings (times are wall times).",
         f"Data: synthetic H&E ({args.size} px, 64 training / 16 held-out images, 10-20 touching and overlapping",
-        "nuclei each, `scripts/synthetic.py`). Segmentor `" + args.variant + "` (128-d mask decoder, token stride "
+        "nuclei each, `scripts/data/synthetic.py`). Segmentor `" + args.variant + "` (128-d mask decoder, token stride "
         f"{args.stride} px) trained from scratch for "
         f"{args.epochs} epochs (balanced BCE + dice + IoU MSE, lr 1e-3, same seed); tested with one ground-truth",
         "point per nucleus and its K nearest other points as negatives (paper Table 7, \"GT\" columns).",

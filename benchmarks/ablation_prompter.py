@@ -2,8 +2,8 @@
 filtering on/off at inference, on held-out synthetic H&E.
 
 Training goes through the bundle's own command (``training --stage prompter``, ``--prompter#aux_weight 1`` or
-``0``); the held-out images are then decoded with ``scripts.prompter_post.decode_prompts`` with and without
-``mask_filter`` and scored by ``scripts.nucleus_metrics.NucleusDetectionMetric`` (pairing radius 6 px at 128 px).
+``0``); the held-out images are then decoded with ``scripts.prompter.decode.decode_prompts`` with and without
+``mask_filter`` and scored by ``scripts.evaluation.handlers.NucleusDetectionMetric`` (pairing radius 6 px at 128 px).
 Without the auxiliary loss the nuclear map is untrained, so filtering by it is shown for completeness only.
 Writes ``docs/benchmarks/prompter_ablation.md``.
 
@@ -27,13 +27,13 @@ sys.path.insert(0, str(BUNDLE))
 from bundle_cli import bundle  # noqa: E402
 from machine import cpu_name  # noqa: E402
 from quality import cells  # noqa: E402
-from scripts.checkpoints import load_checkpoint  # noqa: E402
-from scripts.nucleus_metrics import NucleusDetectionMetric  # noqa: E402
-from scripts.points import instance_points  # noqa: E402
-from scripts.prompter_net import Prompter  # noqa: E402
-from scripts.prompter_post import decode_prompts  # noqa: E402
-from scripts.readers import list_items  # noqa: E402
-from scripts.synthetic import write_synthetic_dataset  # noqa: E402
+from scripts.training.checkpoints import load_checkpoint  # noqa: E402
+from scripts.evaluation.handlers import NucleusDetectionMetric  # noqa: E402
+from scripts.data.points import instance_points  # noqa: E402
+from scripts.prompter.net import Prompter  # noqa: E402
+from scripts.prompter.decode import decode_prompts  # noqa: E402
+from scripts.data.readers import list_items  # noqa: E402
+from scripts.data.synthetic import write_synthetic_dataset  # noqa: E402
 
 
 def load_prompter(checkpoint: Path) -> Prompter:

@@ -11,7 +11,7 @@
    tiles processed.
 
 The model: randomly initialised networks of the default architectures (prompter ``resnet_small`` with FPN/MLP
-width 256; segmentor ``vit_tiny`` and ``conv_small`` at 256 px), exported with ``scripts.export.export_model``,
+width 256; segmentor ``vit_tiny`` and ``conv_small`` at 256 px), exported with ``scripts.pipeline.model_file.export_model``,
 with two biases set so the prompter yields a realistic number of prompts (about 40 per 256 px tile of H&E; the
 figures report the count actually found). Speed does not depend on the weights, only on the prompt count.
 
@@ -49,12 +49,12 @@ if str(BUNDLE) not in sys.path:
     sys.path.insert(0, str(BUNDLE))
 
 from machine import cpu_name  # noqa: E402
-from scripts.checkpoints import atomic_torch_save  # noqa: E402
-from scripts.export import export_model, load_model  # noqa: E402
-from scripts.prompter_net import Prompter  # noqa: E402
-from scripts.prompter_post import decode_prompts  # noqa: E402
-from scripts.records import load_class_table  # noqa: E402
-from scripts.segmentor_net import build_segmentor  # noqa: E402
+from scripts.training.checkpoints import atomic_torch_save  # noqa: E402
+from scripts.pipeline.model_file import export_model, load_model  # noqa: E402
+from scripts.prompter.net import Prompter  # noqa: E402
+from scripts.prompter.decode import decode_prompts  # noqa: E402
+from scripts.data.records import load_class_table  # noqa: E402
+from scripts.segmentor.build import build_segmentor  # noqa: E402
 
 TILE = 256
 
@@ -101,7 +101,7 @@ def random_model_file(path: str | Path, image: np.ndarray, prompts_per_tile: flo
                       image_size: int = TILE, fpn_channels: int = 256, mlp_hidden: int = 256, seed: int = 0,
                       finds_nothing: bool = False) -> Path:
     """A model file of randomly initialised networks (prompter ``resnet_small``; segmentor ``variant`` at
-    ``image_size`` px) written with :func:`scripts.export.export_model`, its prompter calibrated on ``image`` (see
+    ``image_size`` px) written with :func:`scripts.pipeline.model_file.export_model`, its prompter calibrated on ``image`` (see
     :func:`calibrate_prompter`) — a cheap stand-in for a trained model, for tests and benchmarks.
 
     ``finds_nothing``: the nuclear map is below 0.5 everywhere, so the pipeline finds no nucleus in any image.
@@ -139,15 +139,15 @@ def monuseg_files() -> list[Path]:
 
 
 def he_record(size: int, index: int = 0):
-    """A ``scripts.records.NucleusRecord`` of H&E with annotated nuclei, (size, size) px: a MoNuSeg 1000 px image
+    """A ``scripts.data.records.NucleusRecord`` of H&E with annotated nuclei, (size, size) px: a MoNuSeg 1000 px image
     (shared data) cropped, else a synthetic one; and a description."""
-    from scripts.synthetic import make_synthetic_record
+    from scripts.data.synthetic import make_synthetic_record
 
     files = monuseg_files()
     if not files or size > 1000:
         record = make_synthetic_record((size, size), n_nuclei=size * size // 1500, num_classes=4, seed=index)
-        return record, f"synthetic {size} x {size} px (scripts.synthetic, {int(record.inst_map.max())} nuclei)"
-    from scripts.readers.monuseg import load_record
+        return record, f"synthetic {size} x {size} px (scripts.data.synthetic, {int(record.inst_map.max())} nuclei)"
+    from scripts.data.readers.monuseg import load_record
 
     path = files[index % len(files)]
     record = load_record(path.stem, str(path), str(path.with_suffix(".xml")))
@@ -161,11 +161,11 @@ def he_crops(size: int, count: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     files = monuseg_files()
     if not files:
-        from scripts.synthetic import make_synthetic_record
+        from scripts.data.synthetic import make_synthetic_record
 
         return [make_synthetic_record((size, size), n_nuclei=size * size // 1500, num_classes=4, seed=seed + k).image
                 for k in range(count)]
-    from scripts.readers.common import read_image
+    from scripts.data.readers.common import read_image
 
     sources = [read_image(f) for f in files]
     crops = []
@@ -221,8 +221,8 @@ class Stopwatch:
 @contextmanager
 def instrumented(network, watch: Stopwatch) -> Iterator[None]:
     """Time the pipeline's pieces while in the block: instance attributes shadow the methods of the prompter,
-    the segmentor and the pipeline, and ``scripts.pipeline``'s prompt decoding is wrapped; all undone after."""
-    import scripts.pipeline as pipeline
+    the segmentor and the pipeline, and ``scripts.pipeline.promptnucseg``'s prompt decoding is wrapped; all undone after."""
+    import scripts.pipeline.promptnucseg as pipeline
 
     patches = [(network.prompter, "forward", "prompter network"), (network.segmentor, "encode", "encoder"),
                (network.segmentor, "encode_whole", "encoder"),
@@ -246,8 +246,8 @@ def instrumented(network, watch: Stopwatch) -> Iterator[None]:
 def time_writers(watch: Stopwatch, prefix: str, image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray,
                  classes: dict, scores: dict, ious: dict, out_dir: Path) -> None:
     """Time each output of ``scripts.inference.write_image_outputs`` separately (sections ``prefix + piece``)."""
-    from scripts.measurements import instance_polygons, nucleus_table
-    from scripts.writers import write_csv, write_geojson, write_label_maps, write_overlay
+    from scripts.io.measurements import instance_polygons, nucleus_table
+    from scripts.io.writers import write_csv, write_geojson, write_label_maps, write_overlay
 
     class_table = load_class_table()
     with watch.section(prefix + "label-map TIFFs"):
@@ -342,7 +342,7 @@ def run_bundle_inference(model_path: Path, input_file: Path, out_dir: Path, thre
 
 def imports_peak_mib() -> float:
     """Peak resident memory (MiB, VmHWM) of a child process that only imports torch, MONAI and the bundle."""
-    code = ("import torch, monai.bundle, scripts.inference, scripts.export\n"
+    code = ("import torch, monai.bundle, scripts.inference, scripts.pipeline.model_file\n"
             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     env = dict(os.environ, PYTHONPATH=str(BUNDLE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code], cwd=BUNDLE, env=env, capture_output=True, text=True, check=True)
@@ -353,7 +353,7 @@ def bench_slide(model_path: Path, size: int, threads: int, work: Path) -> dict:
     """A ``size`` px pyramidal TIFF end to end through the bundle (after a one-tile baseline run)."""
     from PIL import Image
 
-    from scripts import wsi
+    from scripts.io import wsi
     from scripts.inference import SlideOptions
 
     small = work / "baseline" / "tile.png"
@@ -404,7 +404,7 @@ def markdown(info: dict, tiles: dict[str, dict], slide: dict | None, image_note:
         "",
         "Model: **randomly initialised** networks of the default architectures — prompter `resnet_small` (FPN and "
         "MLP width 256), segmentor `vit_tiny` or `conv_small` at 256 px — exported with "
-        "`scripts.export.export_model`, with two biases of the prompter set (nuclear map above 0.5 on half of the "
+        "`scripts.pipeline.model_file.export_model`, with two biases of the prompter set (nuclear map above 0.5 on half of the "
         "image below; background logit shifted) so that it yields a realistic ~40 prompts per 256 x 256 px of H&E "
         f"({calibration['found']} prompts on that {calibration['shape'][0]} x {calibration['shape'][1]} px image; "
         "on other images a random prompter finds more or fewer). Speed depends on the prompt count, not on the "

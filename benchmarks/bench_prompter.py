@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO_ROOT / "bundle"))
 import torch  # noqa: E402
 
 from machine import cpu_name  # noqa: E402
-from scripts.prompter_loss import PrompterLoss  # noqa: E402
-from scripts.prompter_net import Prompter  # noqa: E402
+from scripts.prompter.loss import PrompterLoss  # noqa: E402
+from scripts.prompter.net import Prompter  # noqa: E402
 
 
 def median_seconds(fn, runs: int, warmup: int) -> float:

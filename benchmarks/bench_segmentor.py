@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bundle"))
 
 from machine import cpu_name  # noqa: E402
-from scripts.segmentor_net import build_segmentor, decode_at_points  # noqa: E402
+from scripts.segmentor.build import build_segmentor  # noqa: E402
+from scripts.segmentor.net import decode_at_points  # noqa: E402
 
 
 def timed(fn, warmup: int, repeats: int) -> tuple[float, float]:

@@ -38,16 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_pipeline import random_model_file  # noqa: E402
 from machine import cpu_name  # noqa: E402
-from scripts.export import load_model  # noqa: E402
+from scripts.pipeline.model_file import load_model  # noqa: E402
 from scripts.inference import image_tensor  # noqa: E402
-from scripts.metrics import panoptic_quality  # noqa: E402
-from scripts.records import METADATA_PATH, NucleusRecord  # noqa: E402
+from scripts.evaluation.metrics import panoptic_quality  # noqa: E402
+from scripts.data.records import METADATA_PATH, NucleusRecord  # noqa: E402
 from speed_vs_hovernet import HoverNetRunner  # noqa: E402
 
 
 def held_out_tiles(data: Path, count: int) -> list[NucleusRecord]:
     """``count`` CoNSeP tiles of the default training's validation split (every k-th)."""
-    from scripts.scoring import list_dataset
+    from scripts.evaluation.scoring import list_dataset
 
     consep = data / "consep_train"
     if not consep.is_dir():

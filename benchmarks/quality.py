@@ -14,7 +14,7 @@ for every method), on the images the default training held out (``--subset val``
 
 Methods: PromptNucSeg (the model, automatic prompts), the same segmentor prompted by the ground-truth points
 (``--prompts oracle``: the segmentor's ceiling, paper Table 7 "GT"), and the watershed baseline
-(``--method watershed``, ``scripts/baseline.py``). Writes ``docs/results/quality.md``.
+(``--method watershed``, ``scripts/evaluation/baseline.py``). Writes ``docs/results/quality.md``.
 
     .venv/bin/python benchmarks/quality.py [--model bundle/models/model.pt] [--work /tmp/quality]
 """
@@ -62,7 +62,7 @@ COLUMNS = ["pq", "dq", "sq", "aji", "aji_plus", "f1_det"]
 def unseen_site_images(folder: str) -> list[str]:
     """Names of the held-out images of ``folder`` whose TCGA tissue-source site (``TCGA-<site>-...``) no training
     image shares (the same split as ``--subset val``)."""
-    from scripts.scoring import list_dataset
+    from scripts.evaluation.scoring import list_dataset
 
     def site(name: str) -> str:
         return name.split("-")[1]

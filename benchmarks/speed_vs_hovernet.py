@@ -43,10 +43,10 @@ sys.path.insert(0, str(BUNDLE))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_pipeline import Stopwatch, he_crops, instrumented, machine, random_model_file, slide_mosaic  # noqa: E402
-from scripts.export import load_model  # noqa: E402
+from scripts.pipeline.model_file import load_model  # noqa: E402
 from scripts.inference import image_tensor  # noqa: E402
-from scripts.records import NucleusRecord  # noqa: E402
-from scripts.segmentor_net import decode_at_points  # noqa: E402
+from scripts.data.records import NucleusRecord  # noqa: E402
+from scripts.segmentor.net import decode_at_points  # noqa: E402
 
 TILE = 256
 HOVERNET_OUT = 164  # fast mode: central 164 px of a 256 px input
@@ -57,14 +57,14 @@ def eval_tiles(count: int) -> tuple[list[NucleusRecord], str]:
     """``count`` 256 px H&E tiles with ground truth: held-out CoNSeP tiles, else MoNuSeg-free synthetic tiles."""
     consep = SHARED_DATA / "consep_train"
     if consep.is_dir():
-        from scripts.scoring import list_dataset
+        from scripts.evaluation.scoring import list_dataset
 
         items = list_dataset([str(consep), str(SHARED_DATA / "monuseg_train")], "auto", "val", 0.2, 0)
         tiles = [it.load() for it in items if not it.name.startswith("TCGA")]
         step = max(1, len(tiles) // count)
         chosen = tiles[::step][:count]
         return chosen, f"{len(chosen)} CoNSeP 256 px tiles held out by the default training's split (every {step}th)"
-    from scripts.synthetic import make_synthetic_record
+    from scripts.data.synthetic import make_synthetic_record
 
     records = [make_synthetic_record((TILE, TILE), n_nuclei=40, num_classes=4, seed=k) for k in range(count)]
     return records, f"{count} synthetic 256 px tiles (no shared data)"

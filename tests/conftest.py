@@ -90,7 +90,7 @@ SYNTHETIC_TRAINING = [
 def synthetic_dirs(tmp_path_factory) -> dict:
     """Synthetic H&E data (hovernet layout, 128 px, 3 classes): ``train`` (64 images) and ``heldout`` (16 images,
     other seeds), never seen in training."""
-    from scripts.synthetic import write_synthetic_dataset
+    from scripts.data.synthetic import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     size = (SYNTHETIC_SIZE, SYNTHETIC_SIZE)
@@ -107,7 +107,7 @@ def synthetic_training(synthetic_dirs, tmp_path_factory) -> dict:
 
     Returns the run folder, the model file and the training log.
     """
-    from scripts.export import export_model
+    from scripts.pipeline.model_file import export_model
 
     out = tmp_path_factory.mktemp("synthetic_run")
     proc = run_bundle("training", "configs/train.json", "--dataset_dir", str(synthetic_dirs["train"]),

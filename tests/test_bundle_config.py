@@ -33,10 +33,10 @@ def test_configs_are_valid_json_with_run_ids(name):
 
 def test_network_def_runs_on_declared_input(tmp_path):
     """Like ``verify_net_in_out``: instantiate ``network_def`` from inference.json, feed the declared input."""
-    from scripts.checkpoints import atomic_torch_save
-    from scripts.export import export_model
-    from scripts.prompter_net import Prompter
-    from scripts.segmentor_net import build_segmentor
+    from scripts.training.checkpoints import atomic_torch_save
+    from scripts.pipeline.model_file import export_model
+    from scripts.prompter.net import Prompter
+    from scripts.segmentor.build import build_segmentor
 
     torch.manual_seed(0)
     prompter = Prompter(num_classes=4)

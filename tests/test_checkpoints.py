@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import BUNDLE_PYTHON, BUNDLE_ROOT, bundle_env, run_bundle
-from scripts.checkpoints import BestMetric, atomic_torch_save, load_checkpoint
-from scripts.synthetic import write_synthetic_dataset
+from scripts.training.checkpoints import BestMetric, atomic_torch_save, load_checkpoint
+from scripts.data.synthetic import write_synthetic_dataset
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path):
@@ -90,8 +90,8 @@ def test_training_killed_mid_run_resumes_from_last_epoch(tmp_path):
 def test_warm_start_prompter_from_a_training_checkpoint(tmp_path):
     """``prompter#init_checkpoint``: a prompter starts from the ``network`` entry of another run's best.pt; a
     checkpoint of another network is refused by name."""
-    from scripts.checkpoints import warm_start
-    from scripts.prompter_net import Prompter
+    from scripts.training.checkpoints import warm_start
+    from scripts.prompter.net import Prompter
 
     small = dict(backbone="resnet_small", fpn_channels=32, mlp_hidden=32, anchor_step=8)
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.data import (
+from scripts.data.datasets import (
     CropBoxd,
     ListCollate,
     LoadNucleusItemd,
@@ -14,7 +14,7 @@ from scripts.data import (
     split_items,
     train_val_items,
 )
-from scripts.records import DatasetItem, NucleusRecord
+from scripts.data.records import DatasetItem, NucleusRecord
 
 
 def _item(name: str, size=(40, 50)) -> DatasetItem:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import BUNDLE_ROOT
-from scripts.export import load_model, model_class_names
-from scripts.records import load_class_table
+from scripts.pipeline.model_file import load_model, model_class_names
+from scripts.data.records import load_class_table
 
 SHIPPED = BUNDLE_ROOT / "models" / "model.pt"
 SAMPLES = sorted((BUNDLE_ROOT / "sample_data" / "images").glob("*.png"))

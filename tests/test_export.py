@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import BUNDLE_ROOT
-from scripts.checkpoints import atomic_torch_save
-from scripts.export import INT8_MIN_ELEMENTS, PARTS, export_model, load_model, part_state_dict, read_model_file
+from scripts.training.checkpoints import atomic_torch_save
+from scripts.pipeline.model_file import INT8_MIN_ELEMENTS, PARTS, export_model, load_model, part_state_dict, read_model_file
 from scripts.inference import image_tensor
-from scripts.metrics import panoptic_quality
-from scripts.readers.common import read_image
+from scripts.evaluation.metrics import panoptic_quality
+from scripts.data.readers.common import read_image
 
 SHIPPED = BUNDLE_ROOT / "models" / "model.pt"
 SAMPLE = sorted((BUNDLE_ROOT / "sample_data" / "images").glob("*.png"))[0]

@@ -24,18 +24,18 @@ from scipy import ndimage
 from shapely.geometry import shape
 
 from conftest import REPO_ROOT, run_bundle
-from scripts import wsi
-from scripts.export import load_model
+from scripts.io import wsi
+from scripts.pipeline.model_file import load_model
 from scripts.inference import (InferenceFailures, SlideOptions, image_tensor, is_whole_slide, run_inference,
                                segment_image_file)
-from scripts.measurements import TABLE_COLUMNS, instance_polygons
-from scripts.readers.common import read_image
-from scripts.synthetic import make_synthetic_record
+from scripts.io.measurements import TABLE_COLUMNS, instance_polygons
+from scripts.data.readers.common import read_image
+from scripts.data.synthetic import make_synthetic_record
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 from bench_pipeline import random_model_file  # noqa: E402
 
-# the class table, read from the bundle's metadata.json here (not through scripts.records)
+# the class table, read from the bundle's metadata.json here (not through scripts.data.records)
 CLASS_TABLE = {int(k): v for k, v in json.loads((REPO_ROOT / "bundle" / "configs" / "metadata.json").read_text())
                ["class_table"].items()}
 # the bundle commands use this process's thread count (PNS_TEST_THREADS): the same arithmetic as in-process runs,
@@ -305,7 +305,7 @@ class CountingNetwork(torch.nn.Module):
 
 def expected_slide_tiles(tile: int, overlap: int, min_fraction: float = 0.05) -> tuple[np.ndarray, int]:
     """Level-0 (SLIDE, SLIDE) mask of the tiles with enough tissue and their count, and the count of all tiles of
-    the grid, from the known layout (not from scripts.wsi)."""
+    the grid, from the known layout (not from scripts.io.wsi)."""
     stride = tile - overlap
     starts = list(range(0, SLIDE - tile + 1, stride))
     if starts[-1] + tile < SLIDE:

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from scripts.instances import masks_to_instances
+from scripts.pipeline.instances import masks_to_instances
 
 
 def _logits(masks: list[np.ndarray]) -> torch.Tensor:

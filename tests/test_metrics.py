@@ -11,19 +11,16 @@ from ignite.engine import Engine
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from scripts.metrics import (
-    DetectionCounts,
+from scripts.evaluation.detection import DetectionCounts, detection_counts, pair_coordinates
+from scripts.evaluation.metrics import (
     aggregated_jaccard_index,
     aggregated_jaccard_index_plus,
-    detection_counts,
     instance_centroids,
     instance_classes,
-    pair_coordinates,
     panoptic_quality,
-    score_image,
-    tissue_mean,
 )
-from scripts.nucleus_metrics import (
+from scripts.evaluation.scores import score_image, tissue_mean
+from scripts.evaluation.handlers import (
     NucleusDetectionMetric,
     NucleusMetric,
     NucleusMetricHandler,

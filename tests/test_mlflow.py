@@ -25,7 +25,7 @@ import mlflow  # noqa: E402
 from monai.utils import path_to_sqlite_uri  # noqa: E402
 
 from conftest import BUNDLE_ROOT, bundle_env, run_bundle  # noqa: E402
-from scripts.tracking import (  # noqa: E402
+from scripts.training.tracking import (  # noqa: E402
     _artifact_files,
     default_tracking_uri,
     numeric_metrics,
@@ -80,7 +80,7 @@ def test_artifact_files_repair_monai_unevaluated_config_path(tmp_path: Path) -> 
 # ----------------------------------------------------------------------------------------------- bundle runs
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from scripts.synthetic import write_synthetic_dataset
+    from scripts.data.synthetic import write_synthetic_dataset
 
     return write_synthetic_dataset(tmp_path_factory.mktemp("mlflow") / "data", 4, size=(96, 96),
                                    n_nuclei=(6, 10), num_classes=2, seed=0)
@@ -169,7 +169,7 @@ def test_compare_runs_prints_runs_side_by_side_and_plots(tracked: dict, tmp_path
 
 @pytest.mark.slow
 def test_evaluation_is_tracked(dataset: Path, tmp_path: Path) -> None:
-    from scripts.readers import list_items
+    from scripts.data.readers import list_items
 
     pred_dir = tmp_path / "pred"
     pred_dir.mkdir()
@@ -256,7 +256,7 @@ def test_store_failure_mid_run_warns_once_and_engine_goes_on(tmp_path: Path, mon
     import torch
     from ignite.engine import Engine, Events
 
-    from scripts.tracking import StageTracker
+    from scripts.training.tracking import StageTracker
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     tracker = StageTracker("segmentor", tracking_uri=default_tracking_uri(tmp_path), params={"lr": 0.1},
@@ -274,7 +274,7 @@ def test_store_failure_mid_run_warns_once_and_engine_goes_on(tmp_path: Path, mon
     tracker.attach(engine)
     engine.run([0, 1], max_epochs=3)
     assert engine.state.epoch == 3 and not tracker.enabled
-    warnings = [r.getMessage() for r in caplog.records if r.name == "scripts.tracking" and r.levelname == "WARNING"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "scripts.training.tracking" and r.levelname == "WARNING"]
     assert len(warnings) == 1 and "MLflow tracking of segmentor stopped: logging metrics failed" in warnings[0]
     client = mlflow.MlflowClient(default_tracking_uri(tmp_path))
     run_id = client.search_runs([client.get_experiment_by_name("promptnucseg").experiment_id])[0].info.run_id

@@ -37,12 +37,12 @@ from lib.clicks import segment_clicks  # noqa: E402
 from lib.region import Region, resolve_region  # noqa: E402
 from lib.labels import label_region, read_asap_outlines, write_folder_dataset  # noqa: E402
 from lib.model import class_colors  # noqa: E402
-from scripts.checkpoints import atomic_torch_save  # noqa: E402
-from scripts.export import export_model, load_model  # noqa: E402
-from scripts.prompter_net import Prompter  # noqa: E402
-from scripts.readers.common import read_image  # noqa: E402
-from scripts.records import load_class_table  # noqa: E402
-from scripts.segmentor_net import build_segmentor  # noqa: E402
+from scripts.training.checkpoints import atomic_torch_save  # noqa: E402
+from scripts.pipeline.model_file import export_model, load_model  # noqa: E402
+from scripts.prompter.net import Prompter  # noqa: E402
+from scripts.data.readers.common import read_image  # noqa: E402
+from scripts.data.records import load_class_table  # noqa: E402
+from scripts.segmentor.build import build_segmentor  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -388,7 +388,7 @@ def test_conf_options_reach_the_pipeline(tmp_path):
 
 def _qupath_label(inst: np.ndarray, types: np.ndarray) -> str:
     """An ASAP XML label as QuPath's 'Submit Label' writes it (whole image: X = Y = W = H = 0)."""
-    from scripts.measurements import instance_polygons
+    from scripts.io.measurements import instance_polygons
 
     lines = ['<?xml version="1.0"?>', "<ASAP_Annotations>", '  <Annotations Name="" Description="" X="0" Y="0" '
              'W="0" H="0">']

@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import BUNDLE_ROOT, bundle_env
-from scripts.distributed import RankLogger, ResumeOnly, get_rank, get_world_size, rank_zero_handlers, shard
-from scripts.nucleus_metrics import NucleusDetectionMetric
+from scripts.training.distributed import RankLogger, ResumeOnly, get_rank, get_world_size, rank_zero_handlers, shard
+from scripts.evaluation.handlers import NucleusDetectionMetric
 
 
 # ----------------------------------------------------------------------------------------------- shard
@@ -96,7 +96,7 @@ def test_sharded_metrics_equal_single_process(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- torchrun
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from scripts.synthetic import write_synthetic_dataset
+    from scripts.data.synthetic import write_synthetic_dataset
 
     return write_synthetic_dataset(tmp_path_factory.mktemp("ddp") / "data", 4, size=(96, 96), n_nuclei=(6, 10),
                                    num_classes=2, seed=0)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.pipeline import PromptNucSeg, negative_prompts, tile_grid
+from scripts.pipeline.promptnucseg import PromptNucSeg, negative_prompts
+from scripts.pipeline.tiling import tile_grid
 
 
 @pytest.mark.parametrize("height,width,size,overlap", [(1024, 1024, 256, 64), (300, 700, 256, 64), (100, 90, 256, 64),
@@ -40,7 +41,7 @@ def test_negative_prompts_use_extra_pool_but_only_points_get_rows():
 
 
 def test_window_origins_centre_each_point_and_stay_inside():
-    from scripts.pipeline import _window_cover, window_origins
+    from scripts.pipeline.promptnucseg import _window_cover, window_origins
 
     points = torch.tensor([[5.0, 5.0], [200.0, 130.0], [630.0, 10.0]])  # (x, y) px
     origins = window_origins(points, stride=16, grid=16, tokens=(20, 40))  # 320 x 640 px embedding
@@ -57,7 +58,7 @@ def test_segment_with_a_decoding_window_smaller_than_the_tile():
     is pasted at its window, centred on its point (moved inside the image at the borders)."""
     from torch import nn
 
-    from scripts.segmentor_net import build_segmentor
+    from scripts.segmentor.build import build_segmentor
 
     torch.manual_seed(0)
     segmentor = build_segmentor("conv_small", image_size=128, patch_size=8, decoder_window=64, prompt_dim=32,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.prompter_loss import PrompterLoss
+from scripts.prompter.loss import PrompterLoss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,7 +108,7 @@ def disks_image(size: int = 64, centres=((16, 16), (40, 20), (24, 44), (48, 48))
 
 @pytest.mark.slow
 def test_tiny_overfit_loss_drops():
-    from scripts.prompter_net import Prompter
+    from scripts.prompter.net import Prompter
 
     torch.manual_seed(0)
     net = Prompter(num_classes=1, backbone="resnet_small", fpn_channels=32, mlp_hidden=32, anchor_step=8)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from scripts.matching import AnchorMatcher, hungarian_match, match_cost
+from scripts.prompter.matching import AnchorMatcher, hungarian_match, match_cost
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

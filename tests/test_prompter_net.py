@@ -9,15 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.prompter_net import (
-    IMAGENET_MEAN,
-    Prompter,
-    SmallResNet,
-    TorchvisionResNet,
-    make_anchors,
-    resample_to_pixels,
-    sample_at_points,
-)
+from scripts.backbones import SmallResNet, TorchvisionResNet
+from scripts.prompter.net import IMAGENET_MEAN, Prompter, make_anchors, resample_to_pixels, sample_at_points
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,7 +86,7 @@ def test_pretrained_roundtrip_and_mismatch(tmp_path):
 
 def test_timm_convnext_pretrained(tmp_path):
     timm = pytest.importorskip("timm")
-    from scripts.prompter_net import TimmConvNeXt
+    from scripts.backbones import TimmConvNeXt
 
     with pytest.raises(FileNotFoundError, match="absent.pth"):
         TimmConvNeXt("convnext_atto", tmp_path / "absent.pth")
@@ -180,7 +173,7 @@ def test_backbone_cell_offsets_match_receptive_fields(name, stage, size):
 
 def test_convnext_cell_offsets_match_receptive_fields():
     pytest.importorskip("timm")
-    from scripts.prompter_net import TimmConvNeXt
+    from scripts.backbones import TimmConvNeXt
 
     torch.manual_seed(0)
     backbone = TimmConvNeXt("convnext_atto")

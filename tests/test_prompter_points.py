@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from scripts.points import NucleusPointsd, instance_points
+from scripts.data.points import NucleusPointsd, instance_points
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from scripts.prompter_post import decode_prompts, point_nms
+from scripts.prompter.decode import decode_prompts, point_nms
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.pipeline import PromptNucSeg
-from scripts.prompter_net import Prompter
-from scripts.prompter_post import decode_prompts
-from scripts.prompter_tta import dihedral_view, pool_view_points, prompts_tta, undo_view_points
+from scripts.pipeline.promptnucseg import PromptNucSeg
+from scripts.prompter.net import Prompter
+from scripts.prompter.decode import decode_prompts
+from scripts.prompter.tta import dihedral_view, pool_view_points, prompts_tta, undo_view_points
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

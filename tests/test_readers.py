@@ -12,11 +12,11 @@ import scipy.io
 import tifffile
 from PIL import Image
 
-from scripts.readers import dataset_class_names, detect_format, list_items, read_dataset
-from scripts.readers.common import to_rgb_uint8
-from scripts.readers.pannuke import CLASS_NAMES as PANNUKE_NAMES
-from scripts.records import load_class_table
-from scripts.synthetic import synthetic_dataset, write_synthetic_dataset
+from scripts.data.readers import dataset_class_names, detect_format, list_items, read_dataset
+from scripts.data.readers.common import to_rgb_uint8
+from scripts.data.readers.pannuke import CLASS_NAMES as PANNUKE_NAMES
+from scripts.data.records import load_class_table
+from scripts.data.synthetic import synthetic_dataset, write_synthetic_dataset
 
 FORMATS = ("hovernet", "folder", "pannuke", "monuseg")
 FIXTURE = dict(size=(48, 64), n_nuclei=(3, 6), num_classes=3, seed=0)

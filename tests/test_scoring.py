@@ -14,10 +14,10 @@ import scipy.io
 import tifffile
 from PIL import Image
 
-from scripts.metrics import score_image
-from scripts.readers import dataset_class_names, list_items
-from scripts.records import NucleusRecord
-from scripts.scoring import PredictionDir, _json_safe, read_prediction_mat, score_dataset, write_metrics
+from scripts.evaluation.scores import score_image
+from scripts.data.readers import dataset_class_names, list_items
+from scripts.data.records import NucleusRecord
+from scripts.evaluation.scoring import PredictionDir, _json_safe, read_prediction_mat, score_dataset, write_metrics
 
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "bundle"
@@ -206,8 +206,8 @@ def test_bundle_evaluate_command(dataset: Path, predictions: Path, tmp_path: Pat
 
 def test_list_dataset_subsets_and_scale(shared_data: Path) -> None:
     """``--subset val`` gives the images a training with the same split held out; ``--scale`` resamples."""
-    from scripts.data import train_val_items
-    from scripts.scoring import list_dataset
+    from scripts.data.datasets import train_val_items
+    from scripts.evaluation.scoring import list_dataset
 
     folders = [str(shared_data / "consep_train"), str(shared_data / "monuseg_train")]
     val = list_dataset(folders, "auto", "val", 0.2, 0)
@@ -227,7 +227,7 @@ def test_list_dataset_subsets_and_scale(shared_data: Path) -> None:
 
 def test_list_dataset_images_filter(shared_data: Path) -> None:
     """``--images`` keeps the items whose name matches a shell pattern; a pattern that matches nothing is an error."""
-    from scripts.scoring import list_dataset
+    from scripts.evaluation.scoring import list_dataset
 
     folder = str(shared_data / "monuseg_train")
     val_names = [it.name for it in list_dataset(folder, "auto", "val", 0.2, 0)]
@@ -242,7 +242,7 @@ def test_list_dataset_images_filter(shared_data: Path) -> None:
 
 
 def test_watershed_baseline_finds_separated_and_touching_disks() -> None:
-    from scripts.baseline import BaselinePredictions, watershed_baseline
+    from scripts.evaluation.baseline import BaselinePredictions, watershed_baseline
 
     rows, cols = np.mgrid[:96, :96]
     image = np.full((96, 96, 3), (235, 200, 225), np.uint8)  # eosin-pink background

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-from scripts.segmentor_loss import SegmentorLoss, box_windows, mask_boxes, mask_iou
+from scripts.segmentor.loss import SegmentorLoss, box_windows, mask_boxes, mask_iou
 
 
 def _tiny_case(logit: float = -2.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,7 +142,7 @@ def test_mask_iou_and_bad_options() -> None:
 def test_objective_crops_each_target_to_its_decoding_window() -> None:
     """With windowed decoding the training objective scores each mask against its target cropped to the same
     window (x, y origins in px), not against the tile."""
-    from scripts.training import SegmentorObjective
+    from scripts.training.engine import SegmentorObjective
 
     loss = SegmentorLoss(mask_loss="bce", mask_reduction="balanced", focal_weight=1.0)
     target = torch.zeros(1, 2, 16, 16)

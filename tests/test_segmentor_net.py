@@ -1,4 +1,5 @@
-"""Segmentor network: variants, official-checkpoint adaptation to 256 px, batched decoding, freezing, our checkpoints."""
+"""Segmentor network and build: variants, official-checkpoint adaptation to 256 px, batched decoding, freezing,
+warm starts."""
 
 from __future__ import annotations
 
@@ -7,16 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.segmentor_net import (
-    OUTSIDE_LOGIT,
-    SEGMENTOR_VARIANTS,
-    build_segmentor,
-    crop_windows,
-    decode_at_points,
-    paste_windows,
-    load_segmentor_checkpoint,
-    save_segmentor_checkpoint,
-)
+from scripts.segmentor.build import SEGMENTOR_VARIANTS, build_segmentor
+from scripts.segmentor.net import OUTSIDE_LOGIT, crop_windows, decode_at_points, paste_windows
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +127,6 @@ def test_missing_checkpoint_names_file(tmp_path) -> None:
     missing = tmp_path / "sam_vit_b_nothere.pth"
     with pytest.raises(FileNotFoundError, match="sam_vit_b_nothere.pth"):
         build_segmentor("vit_b", checkpoint=missing)
-    with pytest.raises(FileNotFoundError, match="nothere_either.pt"):
-        load_segmentor_checkpoint(tmp_path / "nothere_either.pt")
 
 
 def test_resize_from_larger_input_and_key_errors(tmp_path) -> None:
@@ -168,24 +159,6 @@ def test_resize_from_larger_input_and_key_errors(tmp_path) -> None:
     assert "mask_decoder.iou_token.weight" in str(err.value) and "image_encoder.extra.weight" in str(err.value)
     with pytest.raises(ValueError, match="patch_embed.proj.weight"):
         build_segmentor("vit_tiny", 256, checkpoint=path, patch_size=8)
-
-
-def test_own_checkpoint_roundtrip(tmp_path, tiny: torch.nn.Module) -> None:
-    path = save_segmentor_checkpoint(tiny, tmp_path / "seg" / "best.pt", epoch=3)
-    assert path.is_file() and not list(path.parent.glob("*.tmp"))
-    loaded = load_segmentor_checkpoint(path).eval()
-    assert loaded.config == tiny.config
-    assert not any(p.requires_grad for p in loaded.prompt_encoder.parameters())
-    images = torch.rand(1, 3, 256, 256) * 255
-    coords, labels = _prompts(2)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(images, coords[None], labels[None]), tiny(images, coords[None], labels[None]))
-    torch.save({"model": tiny.state_dict()}, tmp_path / "ignite.pt")
-    other = build_segmentor("vit_tiny")
-    load_segmentor_checkpoint(tmp_path / "ignite.pt", model=other)
-    torch.testing.assert_close(other.state_dict()["mask_decoder.iou_token.weight"], tiny.state_dict()["mask_decoder.iou_token.weight"])
-    with pytest.raises(ValueError, match="no 'config'"):
-        load_segmentor_checkpoint(tmp_path / "ignite.pt")
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +235,8 @@ def _disk_image(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def test_tiny_overfits_one_image() -> None:
     """30 steps on one disk image: the loss falls, and the class-balanced pixel term drops well below ln 2 = 0.693,
     the best any prediction that does not tell nucleus from background pixels can reach (so not a collapse)."""
-    from scripts.prompt_sampling import SampleNucleusPromptsd
-    from scripts.segmentor_loss import SegmentorLoss
+    from scripts.segmentor.prompts import SampleNucleusPromptsd
+    from scripts.segmentor.loss import SegmentorLoss
 
     torch.manual_seed(0)
     image, inst = _disk_image()
@@ -290,7 +263,7 @@ def test_tiny_overfits_one_image() -> None:
 
 def test_batch_without_any_nucleus_still_back_propagates() -> None:
     """Random crops can hold no nucleus: every prompt is padding, yet the training step must not fail."""
-    from scripts.segmentor_loss import SegmentorLoss
+    from scripts.segmentor.loss import SegmentorLoss
 
     net = build_segmentor("conv_small", image_size=64)
     valid = torch.zeros(2, 3, dtype=torch.bool)
@@ -383,12 +356,13 @@ def test_crop_and_paste_windows_are_inverse_inside_the_image():
 def test_warm_start_copies_what_fits(tmp_path):
     """A stride-8 segmentor starts from a stride-16 checkpoint: the decoder, prompt encoder, backbone and neck carry
     over; the finer stages' projections (other kernel sizes) keep their fresh weights."""
-    from scripts.checkpoints import warm_start
+    from scripts.training.checkpoints import warm_start
 
     torch.manual_seed(0)
     small = dict(prompt_dim=64, decoder_mlp_dim=128, decoder_heads=2)
     coarse = build_segmentor("conv_small", image_size=128, **small)
-    path = save_segmentor_checkpoint(coarse, tmp_path / "coarse.pt")
+    path = tmp_path / "best.pt"
+    torch.save({"network": coarse.state_dict(), "epoch": 1}, path)  # the layout of a training's best.pt
     fine = build_segmentor("conv_small", image_size=128, patch_size=8, decoder_window=64, **small)
     fresh_proj = fine.image_encoder.proj[0].weight.clone()
     assert warm_start(fine, None) is fine

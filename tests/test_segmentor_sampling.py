@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.data import MetaTensor, list_data_collate
 
-from scripts.prompt_sampling import (
+from scripts.segmentor.prompts import (
     SampleNucleusPromptsd,
     interior_points,
     knn_negative_prompts,

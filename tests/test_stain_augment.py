@@ -8,8 +8,8 @@ import torch
 from monai.data import MetaTensor
 from skimage.color.colorconv import hed_from_rgb
 
-from scripts.readers.common import read_image
-from scripts.stain_augment import RandHEStaind, jitter_stains
+from scripts.data.readers.common import read_image
+from scripts.data.stain import RandHEStaind, jitter_stains
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import scipy.io
 from scipy import ndimage
 from skimage.measure import regionprops
 
-from scripts.readers.monuseg import rasterise_polygons
-from scripts.synthetic import generate, instance_table, make_synthetic_record, write_synthetic_dataset
+from scripts.data.readers.monuseg import rasterise_polygons
+from scripts.data.synthetic import generate, instance_table, make_synthetic_record, write_synthetic_dataset
 
 
 def _touching_pairs(inst_map: np.ndarray) -> int:

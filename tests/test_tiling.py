@@ -24,11 +24,12 @@ import torch
 from skimage.filters import threshold_otsu
 from torch import nn
 
-from scripts.export import load_model
+from scripts.pipeline.model_file import load_model
 from scripts.inference import image_tensor
-from scripts.metrics import panoptic_quality
-from scripts.pipeline import PromptNucSeg, tile_grid
-from scripts.synthetic import make_synthetic_record
+from scripts.evaluation.metrics import panoptic_quality
+from scripts.pipeline.promptnucseg import PromptNucSeg
+from scripts.pipeline.tiling import tile_grid
+from scripts.data.synthetic import make_synthetic_record
 
 SIZE = 1024
 PQ_BAR = 0.99

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from conftest import run_bundle
-from scripts.checkpoints import load_checkpoint
-from scripts.export import export_model
-from scripts.metrics import detection_counts
-from scripts.points import instance_points
-from scripts.prompter_net import Prompter
-from scripts.prompter_post import decode_prompts
-from scripts.readers import read_dataset
-from scripts.segmentor_net import build_segmentor
+from scripts.training.checkpoints import load_checkpoint
+from scripts.pipeline.model_file import export_model
+from scripts.evaluation.detection import detection_counts
+from scripts.data.points import instance_points
+from scripts.prompter.net import Prompter
+from scripts.prompter.decode import decode_prompts
+from scripts.data.readers import read_dataset
+from scripts.segmentor.build import build_segmentor
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_prompter_detection_f1_rises_on_heldout(synthetic_training, synthetic_di
 
 def _untrained_model(run_dir, path):
     """A model file with the trained model's architecture and freshly initialised weights."""
-    from scripts.checkpoints import atomic_torch_save
+    from scripts.training.checkpoints import atomic_torch_save
 
     torch.manual_seed(0)
     p_ckpt = load_checkpoint(run_dir / "prompter" / "best.pt")

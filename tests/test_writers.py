@@ -13,9 +13,9 @@ from PIL import Image
 from shapely.geometry import Point, shape
 from skimage.color import rgb2hed
 
-from scripts.measurements import TABLE_COLUMNS, instance_polygons, nucleus_table
-from scripts.records import load_class_table
-from scripts.writers import CSVWriter, GeoJSONWriter, write_csv, write_geojson, write_label_maps, write_overlay
+from scripts.io.measurements import TABLE_COLUMNS, instance_polygons, nucleus_table
+from scripts.data.records import load_class_table
+from scripts.io.writers import CSVWriter, GeoJSONWriter, write_csv, write_geojson, write_label_maps, write_overlay
 
 CLASS_TABLE = load_class_table()
 

@@ -9,8 +9,8 @@ import pytest
 import tifffile
 from skimage.transform import downscale_local_mean
 
-import scripts.wsi as wsi
-from scripts.wsi import (
+import scripts.io.wsi as wsi
+from scripts.io.wsi import (
     choose_level,
     level_upsampling,
     iter_tiles,

@@ -8,7 +8,7 @@
 # the shipped model's stage 1 was stopped at epoch 66 of 100, its best was epoch 58). `tools/train_default.sh s4`:
 # stage 3, 4 px tokens and a 96 px window (configs/train_default_s4.json), from stage 2's best (30 epochs; the
 # shipped segmentor is its best, epoch 16). Then export (0.3.0, with the resnet_small prompter):
-#   cd bundle && python -c "from scripts.export import export_model; export_model('runs/default/prompter/best.pt',
+#   cd bundle && python -c "from scripts.pipeline.model_file import export_model; export_model('runs/default/prompter/best.pt',
 #       'runs/default/segmentor_s4/best.pt', 'models/model.pt', storage='float16')"
 # Prompter stage 2 (tried, not shipped: no better on the held-out images): `tools/train_default.sh prompter_ft`
 # continues the prompter from its best epoch for 20 more epochs (configs/train_default_prompter_ft.json: lr 1e-4,
@@ -16,10 +16,10 @@
 # torchvision ResNet-18 backbone from scratch (configs/train_default_prompter_r18.json, 60 epochs) into
 # runs/default/prompter_r18: the prompter of 0.4.0 (its epoch 52) and 0.4.1 (its best, epoch 56).
 # `tools/train_default.sh prompter_r18_aug`: the same ResNet-18 prompter from scratch for 120 epochs (lr x0.1 at 96)
-# with scale (RandZoomd 0.8-1.25) and H&E stain (scripts/stain_augment.py) augmentation
+# with scale (RandZoomd 0.8-1.25) and H&E stain (scripts/data/stain.py) augmentation
 # (configs/train_default_prompter_r18_aug.json) into runs/default/prompter_r18_aug: the shipped prompter since 0.5.0
 # (its best, epoch 102), in int8 storage:
-#   cd bundle && python -c "from scripts.export import export_model; export_model(
+#   cd bundle && python -c "from scripts.pipeline.model_file import export_model; export_model(
 #       'runs/default/prompter_r18_aug/best.pt', 'runs/default/segmentor_s4/best.pt', 'models/model.pt',
 #       storage='int8')"
 # THREADS=2 tools/train_default.sh STAGE: torch threads per process (default 1; 2 when one stage runs alone).

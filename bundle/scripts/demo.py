@@ -14,7 +14,7 @@ from pathlib import Path
 
 from monai.bundle import run
 
-from scripts.export import export_model
+from scripts.pipeline.model_file import export_model
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = BUNDLE_ROOT / "models" / "model.pt"

@@ -4,7 +4,7 @@ Per input ``<stem>`` in ``output_dir``:
 
 - ``<stem>_inst.tif`` (int32 instance map) and ``<stem>_type.tif`` (uint8 class map) — images only;
 - ``<stem>.geojson`` — QuPath detections, one Polygon per nucleus with its class and measurements;
-- ``<stem>.csv`` — one row per nucleus (see :data:`scripts.measurements.TABLE_COLUMNS`);
+- ``<stem>.csv`` — one row per nucleus (see :data:`scripts.io.measurements.TABLE_COLUMNS`);
 - ``<stem>_overlay.png`` — contours coloured by class (a thumbnail for slides).
 
 Coordinates in the vector outputs are level-0 pixels, (x, y) = (col, row). One bad file does not stop the others:
@@ -25,11 +25,12 @@ import tifffile
 import torch
 from tqdm import tqdm
 
-from scripts.measurements import instance_polygons, nucleus_table
-from scripts.pipeline import PromptNucSeg, tile_grid
-from scripts.readers.common import read_image
-from scripts.records import load_class_table
-from scripts.writers import CSVWriter, GeoJSONWriter, write_csv, write_geojson, write_label_maps, write_overlay
+from scripts.io.measurements import instance_polygons, nucleus_table
+from scripts.pipeline.promptnucseg import PromptNucSeg
+from scripts.pipeline.tiling import tile_grid
+from scripts.data.readers.common import read_image
+from scripts.data.records import load_class_table
+from scripts.io.writers import CSVWriter, GeoJSONWriter, write_csv, write_geojson, write_label_maps, write_overlay
 
 logger = get_logger("scripts.inference")
 
@@ -203,7 +204,7 @@ def segment_slide(network: PromptNucSeg, path: Path, output_dir: Path, class_tab
     read by its downsample factor d, keeping the pixel-centre convention (level coordinate u -> (u + 0.5) d - 0.5,
     so outlines stay on pixel edges and inside the slide).
     """
-    from scripts import wsi  # the slide readers are only needed here
+    from scripts.io import wsi  # the slide readers are only needed here
 
     stem = path.stem
     with wsi.open_slide(path, backend=options.backend) as slide:

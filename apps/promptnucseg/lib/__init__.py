@@ -15,7 +15,7 @@ APP_DIR = Path(__file__).resolve().parent.parent
 BUNDLE_DIR = Path(os.environ.get("PROMPTNUCSEG_BUNDLE_DIR") or APP_DIR.parent.parent / "bundle").resolve()
 DEFAULT_MODEL_PATH = BUNDLE_DIR / "models" / "model.pt"
 
-if not (BUNDLE_DIR / "scripts" / "pipeline.py").is_file():
+if not (BUNDLE_DIR / "scripts" / "pipeline" / "promptnucseg.py").is_file():
     raise ImportError(f"PromptNucSeg bundle not found at {BUNDLE_DIR} (set PROMPTNUCSEG_BUNDLE_DIR)")
 if str(BUNDLE_DIR) not in sys.path:
     sys.path.insert(0, str(BUNDLE_DIR))

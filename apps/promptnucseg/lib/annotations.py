@@ -1,7 +1,7 @@
 """Instance maps to MONAI Label's pathology annotation JSON: one polygon per nucleus, never merged by class.
 
 MONAI Label's ``FindContoursd`` traces one contour set per *class* mask, so touching nuclei of one class merge
-into one polygon. Here every nucleus is outlined from its own mask (``scripts.measurements.instance_polygons``)
+into one polygon. Here every nucleus is outlined from its own mask (``scripts.io.measurements.instance_polygons``)
 and becomes one element of the annotation::
 
     {"location": [x, y], "size": [w, h],
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.measurements import instance_polygons
+from scripts.io.measurements import instance_polygons
 
 
 def _ring(polygon) -> list[list[float]]:

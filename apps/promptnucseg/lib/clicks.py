@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from scripts.pipeline import PromptNucSeg, tile_grid
-from scripts.prompter_post import sample_mask_probability
+from scripts.pipeline.promptnucseg import PromptNucSeg
+from scripts.pipeline.tiling import tile_grid
+from scripts.prompter.decode import sample_mask_probability
 
 
 @dataclass

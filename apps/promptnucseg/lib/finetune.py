@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(BUNDLE_DIR))
     os.chdir(BUNDLE_DIR)
 
-    from scripts.export import export_model, part_state_dict, read_model_file
-    from scripts.readers import list_items
+    from scripts.pipeline.model_file import export_model, part_state_dict, read_model_file
+    from scripts.data.readers import list_items
 
     dataset_dir, work_dir = Path(opts.dataset_dir).resolve(), Path(opts.work_dir).resolve()
     model_path = Path(opts.model_path).resolve()

@@ -7,7 +7,7 @@ rasterised (pixel centres inside it) into an instance map, later outlines over e
 up in the model's classes. Images of at most ``max_area`` pixels are used whole; of a larger one (a slide) only the
 box around the outlines (plus ``margin`` px) is cut out, itself at most ``max_area`` pixels.
 
-Output (``scripts.readers.folder``)::
+Output (``scripts.data.readers.folder``)::
 
     <dataset>/images/<id>.png  <dataset>/labels/<id>.npy (int32 instance map)  <dataset>/labels/<id>_type.npy
 """

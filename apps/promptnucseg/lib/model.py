@@ -8,9 +8,9 @@ import threading
 from pathlib import Path
 
 from lib.errors import RequestError
-from scripts.export import load_model, model_class_names
-from scripts.pipeline import PromptNucSeg
-from scripts.records import load_class_table
+from scripts.pipeline.model_file import load_model, model_class_names
+from scripts.pipeline.promptnucseg import PromptNucSeg
+from scripts.data.records import load_class_table
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ class ModelStore:
     """One :class:`PromptNucSeg` per device, loaded from ``path`` and reloaded when its mtime changes.
 
     Args:
-        path: the model file (``scripts.export`` format).
+        path: the model file (``scripts.pipeline.model_file`` format).
         pipeline_kwargs: inference options of :class:`PromptNucSeg` (``nms_radius``, ``min_area``...).
     """
 

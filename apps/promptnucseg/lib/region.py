@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from lib.errors import RequestError
-from scripts.readers.common import read_image
-from scripts.wsi import open_slide, read_region
+from scripts.data.readers.common import read_image
+from scripts.io.wsi import open_slide, read_region
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 =====================  ======================================  ===============================================
 key                    default                                 meaning
 =====================  ======================================  ===============================================
-model_path             ``<repo>/bundle/models/model.pt``       the model file (``scripts.export`` format)
+model_path             ``<repo>/bundle/models/model.pt``       the model file (``scripts.pipeline.model_file`` format)
 device                 cuda if available, else cpu             where the pipeline runs
 max_region_area        16777216 (4096 x 4096)                  largest region (px) one request may ask for
 nms_radius, min_area   the pipeline's (12 px, 10 px)           inference options of the pipeline

@@ -2,7 +2,7 @@
 (interactive, the nucleus under each foreground click).
 
 Both follow MONAI Label's ``BasicInferTask`` stages: a pre-transform reads and checks the requested region, the
-inferer runs the bundle's :class:`scripts.pipeline.PromptNucSeg`, a post-transform turns the instance map into one
+inferer runs the bundle's :class:`scripts.pipeline.promptnucseg.PromptNucSeg`, a post-transform turns the instance map into one
 polygon per nucleus (:mod:`lib.annotations`), and MONAI Label's ``PolygonWriter`` writes the ASAP XML or DSA JSON
 file the ``output`` param asks for (``asap``, ``dsa`` default, ``json`` = none) and returns the JSON annotation.
 """

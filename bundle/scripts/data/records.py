@@ -1,0 +1,67 @@
+"""The one record every dataset reader returns, and the bundle's class table.
+
+Coordinates: arrays are indexed (row, col); every point this bundle stores is (x, y) = (col, row) in pixels
+unless a name says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+METADATA_PATH = Path(__file__).resolve().parents[2] / "configs" / "metadata.json"
+
+
+@dataclass
+class NucleusRecord:
+    """One image with its nucleus instance labels.
+
+    Attributes:
+        name: a unique stem for the image within its dataset (used to match predictions).
+        image: RGB uint8 array (H, W, 3).
+        inst_map: int32 array (H, W); 0 = background, every other value one nucleus (ids need not be contiguous).
+        type_map: optional int32 array (H, W); 0 = background, 1..C = class of the nucleus at that pixel.
+        tissue: optional tissue name (PanNuke), used to average metrics per tissue.
+        source: the file the record was read from (for error messages).
+    """
+
+    name: str
+    image: np.ndarray
+    inst_map: np.ndarray
+    type_map: np.ndarray | None = None
+    tissue: str | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
+            raise ValueError(f"{self.source or self.name}: image must be uint8 (H, W, 3), got {self.image.dtype} {self.image.shape}")
+        if self.inst_map.shape != self.image.shape[:2]:
+            raise ValueError(
+                f"{self.source or self.name}: instance map shape {self.inst_map.shape} does not match image {self.image.shape[:2]}"
+            )
+        if self.type_map is not None and self.type_map.shape != self.inst_map.shape:
+            raise ValueError(f"{self.source or self.name}: class map shape {self.type_map.shape} does not match {self.inst_map.shape}")
+
+
+@dataclass
+class DatasetItem:
+    """A lazily loaded record: ``load()`` reads the files only when called (datasets can be larger than memory)."""
+
+    name: str
+    source: str
+    loader: Callable[[], NucleusRecord] = field(repr=False)
+    tissue: str | None = None
+
+    def load(self) -> NucleusRecord:
+        return self.loader()
+
+
+def load_class_table(metadata_path: str | Path = METADATA_PATH) -> dict[int, dict]:
+    """Class table from ``metadata.json``: ``{class_id: {"name": str, "color": [r, g, b]}}``, ids from 1."""
+    with open(metadata_path) as f:
+        table = json.load(f)["class_table"]
+    return {int(k): {"name": v["name"], "color": list(v["color"])} for k, v in table.items()}

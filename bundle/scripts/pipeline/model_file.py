@@ -1,0 +1,128 @@
+"""One model file holding both networks: export from training checkpoints, load as a :class:`PromptNucSeg`.
+
+File layout (``torch.save`` of plain containers, loadable with ``weights_only=True``)::
+
+    {"format": "promptnucseg/2", "storage": "float32" | "float16" | "int8",
+     "prompter": {"config": {num_classes, backbone, levels, anchor_step, fpn_channels, mlp_hidden, class_names},
+                  "state_dict": {...}, "int8_scales": {...}},
+     "segmentor": {"config": {variant, image_size, overrides}, "state_dict": {...}, "int8_scales": {...}}}
+
+Storage ``float16`` keeps every floating-point tensor as float16; ``int8`` additionally stores each weight matrix /
+convolution kernel (2 or more dims, at least :data:`INT8_MIN_ELEMENTS` elements) as int8 with one float32 scale per
+output channel (symmetric, ``weight ~= int8 * scale``, scales in ``int8_scales`` under the same key). Loading
+restores float32 tensors. ``promptnucseg/1`` files (no ``storage``, no ``int8_scales``) are still read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scripts.training.checkpoints import atomic_torch_save, load_checkpoint
+from scripts.pipeline.promptnucseg import PromptNucSeg
+from scripts.prompter.net import Prompter
+from scripts.segmentor.build import build_segmentor
+
+MODEL_FORMAT = "promptnucseg/2"
+READABLE_FORMATS = ("promptnucseg/1", MODEL_FORMAT)
+STORAGES = ("float32", "float16", "int8")
+INT8_MIN_ELEMENTS = 1024
+PARTS = ("prompter", "segmentor")
+
+
+def export_model(prompter_checkpoint: str | Path, segmentor_checkpoint: str | Path, output_path: str | Path,
+                 storage: str = "float32") -> Path:
+    """Combine the best prompter and segmentor checkpoints of a training run into one model file.
+
+    Args:
+        prompter_checkpoint, segmentor_checkpoint: ``best.pt`` (or ``last.pt``) written by the training.
+        output_path: the model file, e.g. ``models/model.pt`` (written atomically).
+        storage: ``float32``; ``float16`` (half the size); ``int8`` (weight matrices as int8 with per-channel
+            scales, the rest float16: about a quarter of the float32 size). Loaded back as float32 either way.
+    """
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    parts = {}
+    for name, path in zip(PARTS, (prompter_checkpoint, segmentor_checkpoint)):
+        checkpoint = load_checkpoint(path)
+        if "config" not in checkpoint or "network" not in checkpoint:
+            raise KeyError(f"{path}: not a training checkpoint of this bundle (needs 'network' and 'config')")
+        state, scales = pack_state_dict(checkpoint["network"], storage)
+        parts[name] = {"config": checkpoint["config"], "state_dict": state, "int8_scales": scales}
+    atomic_torch_save({"format": MODEL_FORMAT, "storage": storage, **parts}, output_path)
+    return Path(output_path)
+
+
+def pack_state_dict(state: dict[str, torch.Tensor], storage: str
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``state`` in a model file's ``storage`` (see the module docstring): (packed tensors, int8 scales by key)."""
+    packed, scales = {}, {}
+    for key, value in state.items():
+        if not value.is_floating_point() or storage == "float32":
+            packed[key] = value
+        elif storage == "int8" and value.dim() >= 2 and value.shape[0] > 1 and value.numel() >= INT8_MIN_ELEMENTS:
+            rows = value.detach().float().reshape(value.shape[0], -1)
+            scale = rows.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+            packed[key] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(value.shape)
+            scales[key] = scale
+        else:
+            packed[key] = value.half()
+    return packed, scales
+
+
+def part_state_dict(model: dict, part: str) -> dict[str, torch.Tensor]:
+    """The float32 state dict of ``part`` (``prompter`` or ``segmentor``) of a loaded model file."""
+    scales = model[part].get("int8_scales") or {}
+    state = {}
+    for key, value in model[part]["state_dict"].items():
+        if key in scales:
+            state[key] = value.float() * scales[key].float().reshape(-1, *([1] * (value.dim() - 1)))
+        else:
+            state[key] = value.float() if value.is_floating_point() else value
+    return state
+
+
+def read_model_file(path: str | Path) -> dict:
+    """A model file's contents (``torch.load``, ``weights_only=True``), its format checked.
+
+    Raises:
+        FileNotFoundError: naming the missing file. ValueError: a file of another format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path} (train one, or point --model_path at a model.pt)")
+    model = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(model, dict) or model.get("format") not in READABLE_FORMATS:
+        found = model.get("format") if isinstance(model, dict) else type(model).__name__
+        raise ValueError(f"{path}: not a PromptNucSeg model file (format {found!r}, expected one of "
+                         f"{READABLE_FORMATS})")
+    return model
+
+
+def build_networks(model: dict) -> tuple[Prompter, torch.nn.Module]:
+    """Instantiate the prompter and segmentor described by a loaded model file, with their weights."""
+    p_cfg, s_cfg = model["prompter"]["config"], model["segmentor"]["config"]
+    prompter = Prompter(num_classes=p_cfg["num_classes"], backbone=p_cfg["backbone"], levels=tuple(p_cfg["levels"]),
+                        anchor_step=p_cfg["anchor_step"], fpn_channels=p_cfg.get("fpn_channels", 256),
+                        mlp_hidden=p_cfg.get("mlp_hidden", 256))
+    segmentor = build_segmentor(variant=s_cfg["variant"], image_size=s_cfg["image_size"], **dict(s_cfg.get("overrides") or {}))
+    for name, net in zip(PARTS, (prompter, segmentor)):
+        net.load_state_dict(part_state_dict(model, name))
+    return prompter.eval(), segmentor.eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", **pipeline_kwargs: Any) -> PromptNucSeg:
+    """Load a model file as a ready-to-run :class:`PromptNucSeg` (``pipeline_kwargs``: its inference options).
+
+    Raises:
+        FileNotFoundError: naming the missing file. ValueError: a file of another format.
+    """
+    prompter, segmentor = build_networks(read_model_file(path))
+    return PromptNucSeg(prompter, segmentor, **pipeline_kwargs).to(device).eval()
+
+
+def model_class_names(path: str | Path) -> list[str]:
+    """Class names stored with the prompter (index i = class id i + 1)."""
+    return list(read_model_file(path)["prompter"]["config"].get("class_names") or [])

@@ -1,0 +1,352 @@
+"""PromptNucSeg's automatic pipeline (paper Fig. 1b) as one network: prompter → segmentor → instance map.
+
+Images of any size: the segmentor's image encoder runs on square tiles of its input size with overlap, and the
+embedding of the whole image is stitched from the tiles' *cores* (the tile minus half the overlap on each inner
+side, aligned to the token grid), so every token was computed with at least ``tile_overlap / 2`` px of context.
+Each prompt is then decoded on the window of that embedding centred on its point (the segmentor's decoding
+window: its input size or ``decoder_window``, moved inside the image at its borders): a nucleus is always seen in the middle of its window, wherever the tile
+borders fall, and the result does not depend on the tiling beyond the encoder's context (the encoder can also
+run on the whole image in one pass, ``whole_image_encoder``, for convolutional encoders). The mask decoder is
+batched over all prompts. Overlapping masks are resolved by predicted IoU (higher wins) over the whole image.
+
+Coordinates: points are (x, y) = (col, row) in pixels of the input image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT
+from torch import nn
+
+from scripts.pipeline.tiling import tile_grid
+from scripts.prompter.decode import decode_prompts, point_nms
+from scripts.prompter.tta import prompts_tta
+from scripts.segmentor.net import decode_at_points, window_origins
+from scripts.segmentor.prompts import knn_negative_prompts
+
+
+class PromptNucSeg(nn.Module):
+    """Prompter + segmentor: an RGB image in, instance map, class map and a per-nucleus table out.
+
+    Args:
+        prompter: a :class:`scripts.prompter.net.Prompter`.
+        segmentor: a :class:`scripts.segmentor.net.Segmentor` (its ``image_size`` is the tile size).
+        num_neg: K, nearest other prompts used as negative prompts of each prompt (paper: 1).
+        mask_filter: mask-aided prompt filtering (keep prompts where the auxiliary map > 0.5).
+        nms_radius: point NMS radius in px.
+        score_threshold: optional minimum class score of a prompt.
+        foreground_threshold: a prompter anchor is a nucleus when its summed nucleus-class probability reaches
+            this; None: when its argmax is not background (the official rule). See
+            :func:`scripts.prompter.decode.decode_prompts`.
+        prompter_tta: find the prompts of each prompter tile on its 8 flips and quarter-turns and keep the points
+            found in at least 4 of them (:mod:`scripts.prompter.tta`): 8 prompter passes instead of 1.
+        min_area: instances with fewer pixels (after overlap resolution) are dropped.
+        tile_overlap: overlap between neighbouring tiles in px (context = half of it at least), of the prompter's
+            tiles and of the segmentor encoder's (there at most half a tile, rounded down to whole token pairs).
+        prompter_tile_size: tile size of the prompter in px; None runs it on the whole image at once.
+        chunk_size: prompts per mask-decoder call (bounds memory).
+        encoder_batch: encoder tiles per encoder call.
+        encoder_tile_size: tile size of the segmentor's image encoder in px (a multiple of 32). None: the
+            segmentor's input size for a ViT encoder (built for it), 1024 px for a convolutional one (more context
+            per tile, fewer tile borders; it runs on any size).
+        whole_image_encoder: run the segmentor's image encoder on the whole image in one pass instead of tiles
+            (convolutional encoders only; memory grows with the image).
+        input_scale: resample the image by this factor before segmenting it, to bring it to the resolution the
+            model was trained at (the default model: 40x, ~0.25 µm/px; a 20x image (~0.5 µm/px) takes 2.0).
+            Bilinear (antialiased when shrinking); the outputs are mapped back to the input's pixels (instance map
+            by nearest neighbour, points scaled; an instance left without a pixel is dropped).
+    """
+
+    def __init__(
+        self,
+        prompter: nn.Module,
+        segmentor: nn.Module,
+        num_neg: int = 1,
+        mask_filter: bool = True,
+        nms_radius: float = 12,
+        score_threshold: float | None = None,
+        foreground_threshold: float | None = None,
+        prompter_tta: bool = False,
+        min_area: int = 10,
+        tile_overlap: int = 128,
+        prompter_tile_size: int | None = 1024,
+        chunk_size: int = 128,
+        encoder_batch: int = 4,
+        encoder_tile_size: int | None = None,
+        whole_image_encoder: bool = False,
+        input_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.prompter = prompter
+        self.segmentor = segmentor
+        self.num_neg = num_neg
+        self.mask_filter = mask_filter
+        self.nms_radius = nms_radius
+        self.score_threshold = score_threshold
+        self.foreground_threshold = foreground_threshold
+        self.prompter_tta = prompter_tta
+        self.min_area = min_area
+        self.tile_overlap = tile_overlap
+        self.prompter_tile_size = prompter_tile_size
+        self.chunk_size = chunk_size
+        self.encoder_batch = encoder_batch
+        self.encoder_tile_size = encoder_tile_size
+        self.whole_image_encoder = whole_image_encoder
+        self.input_scale = _check_scale(input_scale)
+
+    @property
+    def tile_size(self) -> int:
+        return int(self.segmentor.image_size)
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor, prompts: dict[str, torch.Tensor] | None = None,
+                input_scale: float | None = None) -> dict[str, torch.Tensor]:
+        """Segment every nucleus of one image.
+
+        Args:
+            image: (3, H, W) or (1, 3, H, W) float RGB in [0, 255].
+            prompts: optional given prompts ``{points (N, 2) (x, y) px, classes (N,), scores (N,)}`` (e.g. the
+                ground truth, or a user's clicks); by default the prompter finds them.
+            input_scale: this call's resampling factor (default: the pipeline's ``input_scale``).
+
+        Returns:
+            ``inst_map`` (H, W) int32 (0 = background, ids 1..M), ``type_map`` (H, W) int32 (0 = background),
+            ``points`` (M, 2) float (x, y) px, ``classes`` (M,) int64, ``scores`` (M,) class scores,
+            ``ious`` (M,) predicted IoU; row i describes instance id i + 1.
+        """
+        image = self._check_image(image)
+        scale = self.input_scale if input_scale is None else _check_scale(input_scale)
+        if scale != 1.0:
+            return self._rescaled(image, prompts, scale)
+        return self._run(image, prompts)
+
+    def _run(self, image: torch.Tensor, prompts: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """:meth:`forward` at the image's own resolution."""
+        if prompts is None:
+            prompts = self.find_prompts(image)
+        inst_map, prompt_of_id, ious = self.segment(image, prompts["points"])
+        return _instance_outputs(torch.from_numpy(inst_map), prompts["points"][prompt_of_id].float(),
+                                 prompts["classes"][prompt_of_id].long(), prompts["scores"][prompt_of_id].float(), ious)
+
+    def _rescaled(self, image: torch.Tensor, prompts: dict[str, torch.Tensor] | None, scale: float
+                  ) -> dict[str, torch.Tensor]:
+        """:meth:`forward` on the image resampled by ``scale``, outputs mapped back to the input's pixels."""
+        height, width = image.shape[-2:]
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        resampled = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+        if prompts is not None:  # pixel centres: x' + 0.5 = (x + 0.5) * scale
+            prompts = {**prompts, "points": (prompts["points"].float() + 0.5) * scale - 0.5}
+        out = self._run(resampled, prompts)
+        inst = F.interpolate(out["inst_map"][None, None].float(), size=(height, width), mode="nearest-exact")[0, 0]
+        inst = inst.long()
+        present = torch.unique(inst)
+        present = present[present > 0]
+        relabel = torch.zeros(len(out["points"]) + 1, dtype=torch.int32)
+        relabel[present] = torch.arange(1, len(present) + 1, dtype=torch.int32)
+        rows = present - 1
+        return _instance_outputs(relabel[inst], (out["points"][rows] + 0.5) / scale - 0.5, out["classes"][rows],
+                                 out["scores"][rows], out["ious"][rows])
+
+    @staticmethod
+    def _check_image(image: torch.Tensor) -> torch.Tensor:
+        if image.ndim == 4:
+            if image.shape[0] != 1:
+                raise ValueError(f"PromptNucSeg takes one image at a time, got a batch of {image.shape[0]}")
+            image = image[0]
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image must be (3, H, W) RGB, got shape {tuple(image.shape)}")
+        if min(image.shape[-2:]) < 1:
+            raise ValueError(f"image is empty: shape {tuple(image.shape)}")
+        return image.float()
+
+    def find_prompts(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Point prompts of the whole image: prompter per tile (core points kept), then global point NMS."""
+        height, width = image.shape[-2:]
+        size = self.prompter_tile_size or max(height, width)
+        overlap = min(self.tile_overlap, size // 2) if size < max(height, width) else 0
+        options = {"score_threshold": self.score_threshold, "foreground_threshold": self.foreground_threshold,
+                   "mask_filter": self.mask_filter, "nms_radius": self.nms_radius}
+        found = []
+        for tile in tile_grid(height, width, size, overlap):
+            crop = image[:, tile.y0 : tile.y0 + size, tile.x0 : tile.x0 + size]
+            batch = crop[None].to(self._device(self.prompter))
+            if self.prompter_tta:
+                pred = prompts_tta(self.prompter, batch, **options)
+            else:
+                pred = decode_prompts(self.prompter(batch), image_size=tuple(crop.shape[-2:]), **options)[0]
+            points = pred["points"].cpu() + torch.tensor([tile.x0, tile.y0], dtype=torch.float32)
+            keep = tile.core_holds(points)
+            found.append({"points": points[keep], "classes": pred["classes"].cpu()[keep],
+                          "scores": pred["scores"].cpu()[keep]})
+        prompts = {k: torch.cat([f[k] for f in found]) for k in ("points", "classes", "scores")}
+        if self.nms_radius:
+            keep = point_nms(prompts["points"], prompts["scores"], self.nms_radius)
+            prompts = {k: v[keep] for k, v in prompts.items()}
+        return prompts
+
+    def segment(self, image: torch.Tensor, points: torch.Tensor, extra_negatives: torch.Tensor | None = None
+                ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """Instance map from point prompts: the stitched image embedding, each prompt decoded on the window centred
+        on it, the mask decoder batched over ``chunk_size`` prompts at a time.
+
+        Args:
+            image: (3, H, W) float RGB in [0, 255].
+            points: (N, 2) (x, y) px prompts; each one's K nearest others are its negative prompts.
+            extra_negatives: optional (M, 2) (x, y) px points that may serve as negatives (nearest-K together
+                with ``points``) but get no mask themselves (e.g. background clicks, neighbours found by the
+                prompter around a user's clicks).
+
+        Returns:
+            ``inst_map`` (H, W) int32, ``prompt_of_id`` (M,) prompt index of instance id i + 1, ``ious`` (M,).
+        """
+        height, width = image.shape[-2:]
+        coords, labels = negative_prompts(points, extra_negatives, self.num_neg)
+        best_score = torch.full((height * width,), -torch.inf)
+        owner = torch.zeros(height * width, dtype=torch.int64)  # prompt index + 1
+        iou_pred = torch.zeros(len(points))
+        if len(points):
+            device = self._device(self.segmentor)
+            embedding = self.embed(image, points).to(device)
+            for start in range(0, len(points), self.chunk_size):
+                part = torch.arange(start, min(start + self.chunk_size, len(points)))
+                logits, ious, offsets = decode_at_points(self.segmentor, embedding, coords[part].to(device),
+                                                         labels[part].to(device))
+                self._paint(logits.cpu(), ious.cpu().float(), part, offsets.cpu(), (height, width), best_score, owner)
+                iou_pred[part] = ious.cpu().float()
+        return self._relabel(owner.view(height, width).numpy(), iou_pred)
+
+    def _token_grid(self) -> tuple[int, int]:
+        """(tokens per decoding-window side, px per token) of the segmentor."""
+        return int(self.segmentor.embedding_size[0]), int(self.segmentor.patch_size)
+
+    def embed(self, image: torch.Tensor, points: torch.Tensor | None = None) -> torch.Tensor:
+        """Image embedding (C, Hc / stride, Wc / stride) of the image padded with white (glass) right / bottom to
+        a canvas (Hc, Wc): multiples of 32 px, at least the segmentor's input size.
+
+        Tiled (default): the encoder runs on the tiles of the canvas (batches of ``encoder_batch``) whose core
+        is needed by the decoding window of one of ``points`` (all tiles when ``points`` is None) and each tile
+        writes its core's tokens; tokens of unneeded tiles stay 0. ``whole_image_encoder``: one pass on the canvas.
+        """
+        grid, stride = self._token_grid()
+        height, width = image.shape[-2:]
+        multiple = max(2 * stride, 32)
+        canvas_h = max(self.tile_size, -(-height // multiple) * multiple)
+        canvas_w = max(self.tile_size, -(-width // multiple) * multiple)
+        canvas = torch.nn.functional.pad(image.float(), (0, canvas_w - width, 0, canvas_h - height), value=255.0)
+        device = self._device(self.segmentor)
+        if self.whole_image_encoder:
+            return self.segmentor.encode_whole(canvas[None].to(device))[0].cpu()
+        tile_size = self.encoder_tile(canvas_h, canvas_w)
+        overlap = self.encoder_overlap(stride, tile_size)
+        tokens_h, tokens_w = canvas_h // stride, canvas_w // stride
+        needed = None if points is None else _window_cover(points, stride, grid, (tokens_h, tokens_w))
+        jobs = []
+        for tile in tile_grid(canvas_h, canvas_w, tile_size, overlap):
+            core = tuple(v // stride for v in (tile.core_y0, tile.core_y1, tile.core_x0, tile.core_x1))
+            if needed is None or needed[core[0] : core[1], core[2] : core[3]].any():
+                jobs.append((tile, core))
+        encode = self.segmentor.encode if tile_size == self.tile_size else self.segmentor.encode_whole
+        embedding = None
+        for start in range(0, len(jobs), self.encoder_batch):
+            batch = jobs[start : start + self.encoder_batch]
+            crops = torch.stack([canvas[:, t.y0 : t.y0 + tile_size, t.x0 : t.x0 + tile_size] for t, _ in batch])
+            encoded = encode(crops.to(device)).cpu()
+            if embedding is None:
+                embedding = encoded.new_zeros((encoded.shape[1], tokens_h, tokens_w))
+            for (tile, (y0, y1, x0, x1)), tile_embedding in zip(batch, encoded):
+                ty, tx = tile.y0 // stride, tile.x0 // stride
+                embedding[:, y0:y1, x0:x1] = tile_embedding[:, y0 - ty : y1 - ty, x0 - tx : x1 - tx]
+        return embedding
+
+    def encoder_tile(self, canvas_h: int, canvas_w: int) -> int:
+        """The encoder's tile size in px for a (canvas_h, canvas_w) canvas (see ``encoder_tile_size``)."""
+        if isinstance(getattr(self.segmentor, "image_encoder", None), ImageEncoderViT):
+            return self.tile_size
+        size = self.encoder_tile_size or max(self.tile_size, 1024)
+        return min(size, max(canvas_h, canvas_w, self.tile_size))
+
+    def encoder_overlap(self, stride: int, tile_size: int | None = None) -> int:
+        """The encoder tiles' overlap in px: ``tile_overlap`` at most half a tile, in whole pairs of tokens (so
+        that core borders fall on token borders)."""
+        overlap = min(self.tile_overlap, (tile_size or self.tile_size) // 2)
+        return overlap - overlap % (2 * stride)
+
+    @staticmethod
+    def _paint(logits: torch.Tensor, ious: torch.Tensor, prompt_idx: torch.Tensor, origins: torch.Tensor,
+               shape: tuple[int, int], best_score: torch.Tensor, owner: torch.Tensor) -> None:
+        """Give each pixel of the masks to the prompt with the highest predicted IoU seen so far (vectorised).
+
+        Args:
+            logits: (Z, S, S) mask logits of the windows; ious: (Z,); prompt_idx: (Z,) prompt indices.
+            origins: (Z, 2) (x, y) px of each window's top-left corner in the image.
+            shape: (H, W) of the image; best_score, owner: flat (H * W,) canvases updated in place.
+        """
+        height, width = shape
+        z, rows, cols = torch.nonzero(logits > 0, as_tuple=True)
+        y, x = rows + origins[z, 1], cols + origins[z, 0]
+        inside = (y < height) & (x < width)
+        z, flat = z[inside], (y * width + x)[inside]
+        score = ious[z]
+        order = torch.argsort(-score, stable=True)  # highest IoU first; equal IoUs: lower prompt index first
+        _, first = np.unique(flat[order].numpy(), return_index=True)
+        winners = order[torch.from_numpy(first)]
+        flat, score, z = flat[winners], score[winners], z[winners]
+        beats = score > best_score[flat]
+        best_score[flat[beats]] = score[beats]
+        owner[flat[beats]] = prompt_idx[z[beats]] + 1
+
+    def _relabel(self, owner: np.ndarray, iou_pred: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """Contiguous ids 1..M, dropping instances under ``min_area`` px."""
+        areas = np.bincount(owner.ravel(), minlength=len(iou_pred) + 1)[1:]
+        kept = np.flatnonzero(areas >= max(self.min_area, 1))
+        relabel = np.zeros(len(iou_pred) + 1, np.int32)
+        relabel[kept + 1] = np.arange(1, kept.size + 1, dtype=np.int32)
+        prompt_of_id = torch.from_numpy(kept.astype(np.int64))
+        return relabel[owner], prompt_of_id, iou_pred[prompt_of_id]
+
+    @staticmethod
+    def _device(module: nn.Module) -> torch.device:
+        return next(module.parameters()).device
+
+
+def _check_scale(input_scale: float) -> float:
+    if not input_scale > 0:
+        raise ValueError(f"input_scale must be > 0, got {input_scale}")
+    return float(input_scale)
+
+
+def _instance_outputs(inst_map: torch.Tensor, points: torch.Tensor, classes: torch.Tensor, scores: torch.Tensor,
+                      ious: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:meth:`PromptNucSeg.forward`'s outputs from an (H, W) int32 instance map with ids 1..M and the M rows of
+    per-nucleus values (row i = id i + 1); the class map follows the instances."""
+    lut = torch.zeros(len(classes) + 1, dtype=torch.int32)
+    lut[1:] = classes.to(torch.int32)
+    return {"inst_map": inst_map, "type_map": lut[inst_map.long()], "points": points, "classes": classes,
+            "scores": scores, "ious": ious}
+
+
+def negative_prompts(points: torch.Tensor, extra: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each of the N points as a positive prompt with its k nearest among ``points`` ∪ ``extra`` as negatives.
+
+    Returns coords (N, 1+k, 2) (x, y) px and labels (N, 1+k) (1 positive, 0 negative, -1 padding).
+    """
+    n = len(points)
+    pool = points.reshape(-1, 2).float()
+    if extra is not None and len(extra):
+        pool = torch.cat([pool, extra.reshape(-1, 2).float()])
+    coords, labels = knn_negative_prompts(pool.numpy(), k)
+    return torch.from_numpy(coords[:n]), torch.from_numpy(labels[:n])
+
+
+def _window_cover(points: torch.Tensor, stride: int, grid: int, tokens: tuple[int, int]) -> np.ndarray:
+    """(rows, cols) bool: the tokens inside at least one point's decoding window (2-D difference array)."""
+    origins = window_origins(points, stride, grid, tokens).numpy()
+    diff = np.zeros((tokens[0] + 1, tokens[1] + 1), np.int64)
+    x0, y0 = origins[:, 0], origins[:, 1]
+    np.add.at(diff, (y0, x0), 1)
+    np.add.at(diff, (y0 + grid, x0), -1)
+    np.add.at(diff, (y0, x0 + grid), -1)
+    np.add.at(diff, (y0 + grid, x0 + grid), 1)
+    return diff.cumsum(0).cumsum(1)[: tokens[0], : tokens[1]] > 0

@@ -1,0 +1,3 @@
+"""Training: engine pieces (batches, objectives, evaluation steps), checkpoints, distributed helpers and
+MLflow tracking.
+"""

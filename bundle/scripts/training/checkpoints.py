@@ -1,0 +1,203 @@
+"""Atomic checkpoints, best-model tracking and resume for the training engines.
+
+``last.pt`` (everything needed to resume: network, optimizer, scheduler, trainer counters, best metric) is
+rewritten atomically after every epoch; ``best.pt`` (network weights and the metric) when the validation key
+metric improves. A killed training loses at most the epoch in progress.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.apps.utils import get_logger
+from monai.networks.utils import copy_model_state
+
+from scripts.io.writers import atomic_path
+
+logger = get_logger("scripts.training.checkpoints")
+
+LAST_NAME = "last.pt"
+BEST_NAME = "best.pt"
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed
+    (:func:`scripts.io.writers.atomic_path`): a reader never sees a partial file."""
+    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint written by this module (tensors and plain values only: ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+STATE_KEYS = ("state_dict", "model", "network", "segmentor", "prompter", "net")
+
+
+def state_dict_in(payload: Any, source: str) -> dict[str, Any]:
+    """The network weights a loaded checkpoint holds: ``payload`` itself, or its entry under the first of
+    :data:`STATE_KEYS` that is a mapping; a leading ``module.`` (DataParallel / DDP) is stripped from the names.
+
+    Raises:
+        ValueError: ``payload`` is not a dict (the message starts with ``source``, e.g. the file's path).
+    """
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"{source} is not a checkpoint dict (got {type(payload).__name__})")
+    state = next((payload[k] for k in STATE_KEYS if isinstance(payload.get(k), Mapping)), payload)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def warm_start(model: torch.nn.Module, checkpoint: str | os.PathLike | None) -> torch.nn.Module:
+    """Initialise ``model`` in place from a checkpoint of the same kind of network wherever names and shapes agree
+    (MONAI's ``copy_model_state``): fine-tuning from an earlier run, or a stride-8 segmentor from a stride-16 one (its
+    backbone, neck, prompt encoder and mask decoder carry over; the finer stages' projections start fresh). The
+    checkpoint is a state dict or holds one under one of :data:`STATE_KEYS` (``best.pt`` / ``last.pt`` of
+    :class:`TrainingCheckpointer` do). None: the model unchanged.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: nothing at all could be copied (another kind of network).
+    """
+    if checkpoint is None:
+        return model
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"init_checkpoint not found: {checkpoint}")
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = state_dict_in(payload, f"init_checkpoint {checkpoint}")
+    _, copied, skipped = copy_model_state(model, state, inplace=True)
+    if not copied:
+        raise ValueError(f"init_checkpoint {checkpoint}: no parameter matches the names and shapes of "
+                         f"{model.__class__.__name__}")
+    logger.info(f"warm start of {model.__class__.__name__} from {checkpoint}: {len(copied)} tensors copied, "
+                f"{len(skipped)} kept fresh" + (f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})"
+                                                 if skipped else ""))
+    return model
+
+
+class BestMetric:
+    """The best validation value of a key metric so far (higher is better), saved with the checkpoint."""
+
+    def __init__(self) -> None:
+        self.value = -math.inf
+        self.epoch = -1
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record ``value`` at ``epoch``; True when it is a new best (NaN never is)."""
+        if value is None or math.isnan(value) or value <= self.value:
+            return False
+        self.value, self.epoch = float(value), int(epoch)
+        return True
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.epoch = float(state["value"]), int(state["epoch"])
+
+
+class TrainingCheckpointer:
+    """Save ``last.pt`` each epoch and ``best.pt`` on a better validation metric; resume from ``last.pt``.
+
+    Attach after the validation handler so the metric of the finished epoch is available.
+
+    Args:
+        save_dir: folder of the checkpoints.
+        save_dict: objects with ``state_dict``/``load_state_dict`` (network, optimizer, scheduler...).
+            The trainer's counters and the best metric are added automatically.
+        network_key: the entry of ``save_dict`` stored in ``best.pt``.
+        key_metric: name in ``evaluator.state.metrics`` deciding the best model (higher is better).
+        evaluator: the validation engine; without it ``best.pt`` follows ``last.pt``.
+        resume: load ``save_dir/last.pt`` when the trainer starts, if it exists.
+        extra: plain values stored in every checkpoint (e.g. the network's construction arguments).
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict[str, Any],
+        network_key: str = "network",
+        key_metric: str | None = None,
+        evaluator: Engine | None = None,
+        resume: bool = True,
+        extra: dict | None = None,
+    ) -> None:
+        self.save_dir = Path(save_dir)
+        self.save_dict = dict(save_dict)
+        self.network_key = network_key
+        self.key_metric = key_metric
+        self.evaluator = evaluator
+        self.resume = resume
+        self.extra = dict(extra or {})
+        self.best = BestMetric()
+
+    @property
+    def last_path(self) -> Path:
+        return self.save_dir / LAST_NAME
+
+    @property
+    def best_path(self) -> Path:
+        return self.save_dir / BEST_NAME
+
+    def attach(self, engine: Engine) -> None:
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self._load_last)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
+
+    def _load_last(self, engine: Engine) -> None:
+        if not self.last_path.is_file():
+            return
+        state = load_checkpoint(self.last_path)
+        max_epochs = engine.state.max_epochs
+        for key, obj in self.save_dict.items():
+            if key not in state:
+                raise KeyError(f"{self.last_path}: no '{key}' entry to resume from")
+            obj.load_state_dict(state[key])
+        self.best.load_state_dict(state["best_metric"])
+        if self.evaluator is not None and self.best.epoch >= 0:  # so its "Key metric ... best value" log agrees
+            self.evaluator.state.best_metric = self.best.value
+            self.evaluator.state.best_metric_epoch = self.best.epoch
+        engine.state.epoch = int(state["trainer"]["epoch"])
+        engine.state.iteration = int(state["trainer"]["iteration"])
+        engine.state.max_epochs = max_epochs
+        logger.info("resumed from %s at epoch %d (best %s = %.4f)", self.last_path, engine.state.epoch,
+                           self.key_metric, self.best.value)
+        if engine.state.epoch >= max_epochs:
+            logger.info("training already reached max_epochs=%d; nothing to do", max_epochs)
+            engine.terminate()
+
+    def _save(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        metric = self._current_metric(epoch)
+        improved = self.best.update(metric, epoch) if metric is not None else self.key_metric is None
+        if improved:
+            network = self.save_dict[self.network_key]
+            atomic_torch_save(
+                {"network": network.state_dict(), "epoch": epoch, "metric": self.best.value,
+                 "key_metric": self.key_metric, **self.extra},
+                self.best_path,
+            )
+            logger.info("epoch %d: new best %s = %s -> %s", epoch, self.key_metric, metric, self.best_path)
+        state = {key: obj.state_dict() for key, obj in self.save_dict.items()}
+        state["trainer"] = {"epoch": epoch, "iteration": engine.state.iteration}
+        state["best_metric"] = self.best.state_dict()
+        state.update(self.extra)
+        atomic_torch_save(state, self.last_path)
+
+    def _current_metric(self, epoch: int) -> float | None:
+        if self.evaluator is None or self.key_metric is None:
+            return None
+        if getattr(self.evaluator.state, "epoch", None) != epoch:
+            return None  # no validation this epoch
+        value = self.evaluator.state.metrics.get(self.key_metric)
+        return None if value is None else float(value)
