@@ -13,14 +13,10 @@ out) with ``--pipeline#mask_filter`` / ``--pipeline#num_neg`` / ``--pipeline#for
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine import cpu_name  # noqa: E402
-from quality import BUNDLE, REPO, SHARED_DATA, cells, evaluate, fmt  # noqa: E402
+from common import DOCS, MODEL, SHARED_DATA, cells, evaluate, fmt, machine
 
 SETTINGS = {
     "default (filtering on, K = 1)": [],
@@ -35,18 +31,19 @@ SETS = {"MoNuSeg held-out, 40x": "monuseg_train", "CoNSeP held-out tiles, 40x": 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(BUNDLE / "models" / "model.pt"))
+    parser.add_argument("--model", default=str(MODEL))
     parser.add_argument("--work", default="/tmp/ablation_inference")
-    parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks" / "inference_ablation.md"))
+    parser.add_argument("--output", default=str(DOCS / "benchmarks" / "inference_ablation.md"))
     args = parser.parse_args()
     model = Path(args.model).resolve()
     if not model.is_file() or not SHARED_DATA.is_dir():
         raise SystemExit(f"needs the model ({model}) and the shared data ({SHARED_DATA})")
+    info = machine()
     lines = [
         "# Inference-time ablations of the shipped model (paper Tables 6 and 7, test side)",
         "",
-        f"Command: `python benchmarks/ablation_inference.py {' '.join(sys.argv[1:])}`; {cpu_name()}, "
-        f"{os.cpu_count()} cores. Held-out images of the default training (`--subset val`), automatic prompts; "
+        f"Command: `python benchmarks/ablation_inference.py {' '.join(sys.argv[1:])}`; {info['cpu']}, "
+        f"{info['cores']} cores. Held-out images of the default training (`--subset val`), automatic prompts; "
         "the model was trained with mask-aided filtering's auxiliary head and K = 1.",
         "",
         "| data | setting | PQ | DQ | SQ | AJI | F1 det. | nuclei predicted |",
@@ -57,7 +54,8 @@ def main() -> None:
             out = Path(args.work) / f"{folder}_{len(lines)}"
             m = evaluate(folder, 1.0, ["--method", "promptnucseg", "--prompts", "prompter", *extra], model, out)
             print(f"{set_name} | {setting}: pq {fmt(m['pq'])}", flush=True)
-            lines.append(f"| {set_name} | {setting} | {cells(m, ('pq', 'dq', 'sq', 'aji', 'f1_det'))} | {m['n_pred']} |")
+            lines.append(f"| {set_name} | {setting} | {cells(m, ('pq', 'dq', 'sq', 'aji', 'f1_det'))} "
+                         f"| {m['n_pred']} |")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.output).write_text(text)

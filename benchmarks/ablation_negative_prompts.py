@@ -16,38 +16,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BUNDLE = REPO / "bundle"
-sys.path.insert(0, str(BUNDLE))
-
-from bundle_cli import bundle  # noqa: E402
-from machine import cpu_name  # noqa: E402
-from scripts.pipeline.model_file import export_model  # noqa: E402
-from scripts.data.synthetic import write_synthetic_dataset  # noqa: E402
-
-
-def machine() -> str:
-    cpu = cpu_name()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}, load {load:.1f}"
+from common import DOCS, Stopwatch, bundle, machine_line
+from scripts.pipeline.model_file import export_model
+from scripts.data.synthetic import write_synthetic_dataset
 
 
 def train_segmentor(run: Path, train: Path, args: argparse.Namespace, k_train: int, overrides: dict) -> None:
     """The bundle's training run (prompter for 1 epoch only: the oracle evaluation does not use it)."""
     bundle("training", "--config_file", "configs/train.json", "--stage", "both", "--dataset_dir", str(train),
            "--output_dir", str(run), "--patch_size", str(args.size), "--val_fraction", "0.125",
-           "--num_neg_prompts", str(k_train), "--prompter#max_epochs", "1", "--prompter#fpn_channels", "64",
-           "--prompter#mlp_hidden", "64", "--segmentor#sam_variant", args.variant,
-           "--segmentor#max_epochs", str(args.epochs), "--segmentor#lr", "0.001",
-           "--segmentor#overrides", repr(overrides),
-           "--segmentor#num_prompts_per_image", "16", "--segmentor#batch_size", "8",
-           "--segmentor#mask_loss", "bce", "--segmentor#mask_reduction", "balanced",
-           "--segmentor#focal_weight", "1.0", "--val_interval", "10")
+           "--num_neg_prompts", str(k_train), "--prompter#hparams#max_epochs", "1",
+           "--prompter#hparams#fpn_channels", "64",
+           "--prompter#hparams#mlp_hidden", "64", "--segmentor#hparams#sam_variant", args.variant,
+           "--segmentor#hparams#max_epochs", str(args.epochs), "--segmentor#hparams#lr", "0.001",
+           "--segmentor#hparams#overrides", repr(overrides),
+           "--segmentor#hparams#num_prompts_per_image", "16", "--segmentor#hparams#batch_size", "8",
+           "--segmentor#hparams#mask_loss", "bce", "--segmentor#hparams#mask_reduction", "balanced",
+           "--segmentor#hparams#focal_weight", "1.0", "--val_interval", "10")
 
 
 def main() -> None:
@@ -63,7 +51,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/ablation_neg")
     parser.add_argument("--report_only", action="store_true",
                         help="rewrite the table from the metrics.json files of an earlier run in --work")
-    parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "negative_prompts.md"))
+    parser.add_argument("--out", default=str(DOCS / "benchmarks" / "negative_prompts.md"))
     args = parser.parse_args()
     work = Path(args.work)
     size = (args.size, args.size)
@@ -74,8 +62,8 @@ def main() -> None:
         train = write_synthetic_dataset(work / "train", 64, size=size, n_nuclei=(10, 20), num_classes=3, seed=0)
         heldout = write_synthetic_dataset(work / "heldout", 16, size=size, n_nuclei=(10, 20), num_classes=3, seed=1000)
         command_file.write_text(" ".join(["python benchmarks/ablation_negative_prompts.py", *sys.argv[1:]]))
-    start_machine = machine()
-    results, seconds = {}, {}
+    start_machine = machine_line()
+    results, seconds, watch = {}, {}, Stopwatch()
     overrides = {"prompt_dim": 128, "decoder_mlp_dim": 512, "decoder_heads": 4, "patch_size": args.stride,
                  "decoder_window": args.window}
     if args.variant != "conv_small":  # a ViT encoder at 128 px: window 8 divides its 8x8 (stride 16) token grid
@@ -86,9 +74,8 @@ def main() -> None:
     for k_train in args.k_train:
         run = work / f"train_k{k_train}"
         if not args.report_only:
-            t0 = time.perf_counter()
-            train_segmentor(run, train, args, k_train, overrides)
-            seconds[k_train] = time.perf_counter() - t0
+            watch.time(f"training K = {k_train}", train_segmentor, run, train, args, k_train, overrides)
+            seconds[k_train] = watch.seconds[f"training K = {k_train}"]
             seconds_file.write_text(json.dumps(seconds))
             export_model(run / "prompter" / "last.pt", run / "segmentor" / "last.pt", run / "model.pt")
         for k_test in args.k_test:
@@ -98,7 +85,8 @@ def main() -> None:
                        "--model_path", str(run / "model.pt"), "--prompts", "oracle", "--pipeline#num_neg", str(k_test),
                        "--output_dir", str(out))
             results[(k_train, k_test)] = json.loads((out / "metrics.json").read_text())
-    command = command_file.read_text().strip() if command_file.is_file() else "python benchmarks/ablation_negative_prompts.py"
+    command = (command_file.read_text().strip() if command_file.is_file()
+               else "python benchmarks/ablation_negative_prompts.py")
     lines = [
         "# Negative prompts: K in training and in testing (oracle prompts)"
         if (args.stride, args.variant, args.window) == (16, "conv_small", 0) else
@@ -107,7 +95,7 @@ def main() -> None:
         + " (oracle prompts; compare with the conv_small stride-16 rows of negative_prompts.md)",
         "",
         f"Command: `{command}`.",
-        f"Machine: {start_machine} (start); {machine()} (end)." if not args.report_only else
+        f"Machine: {start_machine} (start); {machine_line()} (end)." if not args.report_only else
         "Machine: AMD EPYC, 2 cores, 1 torch thread per process, shared with other trainings (times are wall times).",
         f"Data: synthetic H&E ({args.size} px, 64 training / 16 held-out images, 10-20 touching and overlapping",
         "nuclei each, `scripts/data/synthetic.py`). Segmentor `" + args.variant + "` (128-d mask decoder, token stride "
@@ -120,7 +108,8 @@ def main() -> None:
     ]
     for (k_train, k_test), m in sorted(results.items()):
         took = f"{seconds[k_train]:.0f}" if k_train in seconds else "–"
-        lines.append(f"| {k_train} | {k_test} | {m['pq']:.3f} | {m['dq']:.3f} | {m['sq']:.3f} | {m['aji']:.3f} | {took} |")
+        lines.append(f"| {k_train} | {k_test} | {m['pq']:.3f} | {m['dq']:.3f} | {m['sq']:.3f} | {m['aji']:.3f} "
+                     f"| {took} |")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

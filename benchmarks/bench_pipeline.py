@@ -11,9 +11,10 @@
    tiles processed.
 
 The model: randomly initialised networks of the default architectures (prompter ``resnet_small`` with FPN/MLP
-width 256; segmentor ``vit_tiny`` and ``conv_small`` at 256 px), exported with ``scripts.pipeline.model_file.export_model``,
-with two biases set so the prompter yields a realistic number of prompts (about 40 per 256 px tile of H&E; the
-figures report the count actually found). Speed does not depend on the weights, only on the prompt count.
+width 256; segmentor ``vit_tiny`` and ``conv_small`` at 256 px), exported with
+``scripts.pipeline.model_file.export_model``, with two biases set so the prompter yields a realistic number of
+prompts (about 40 per 256 px tile of H&E; the figures report the count actually found). Speed does not depend on
+the weights, only on the prompt count.
 
 Usage (from the repository root)::
 
@@ -27,117 +28,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections import defaultdict
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-BUNDLE = REPO / "bundle"
-SHARED_DATA = REPO.parent / "shared" / "data"
-if str(BUNDLE) not in sys.path:
-    sys.path.insert(0, str(BUNDLE))
-
-from machine import cpu_name  # noqa: E402
-from scripts.training.checkpoints import atomic_torch_save  # noqa: E402
-from scripts.pipeline.model_file import export_model, load_model  # noqa: E402
-from scripts.prompter.net import Prompter  # noqa: E402
-from scripts.prompter.decode import decode_prompts  # noqa: E402
-from scripts.data.records import load_class_table  # noqa: E402
-from scripts.segmentor.build import build_segmentor  # noqa: E402
-
-TILE = 256
-
-
-# ---------------------------------------------------------------------------------------------- the model
-def _as_batch(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()
-
-
-@torch.no_grad()
-def calibrate_prompter(prompter: Prompter, image: np.ndarray, prompts_per_tile: float, nms_radius: float = 12,
-                       tile: int = TILE) -> int:
-    """Set two biases of a (random) prompter so that it finds about ``prompts_per_tile`` prompts per ``tile`` x
-    ``tile`` px of ``image`` (RGB uint8 (H, W, 3)) after mask filtering and NMS; returns the count on ``image``.
-
-    The nuclear-map bias puts sigmoid(aux) above 0.5 on half of ``image``; the background-class bias is shifted
-    (bisection) so that only the anchors whose best class logit beats background by the most are nuclei.
-    """
-    x = _as_batch(image)
-    prompter.mask_head[-1].bias -= prompter(x)["aux_logits"][0, 0].median()
-    outputs = prompter(x)
-    logits = outputs["pred_logits"]
-    margin = logits[0, :, :-1].max(-1).values - logits[0, :, -1]
-    target = prompts_per_tile * image.shape[0] * image.shape[1] / tile**2
-
-    def count(shift: float) -> int:
-        shifted = logits.clone()
-        shifted[..., -1] += shift
-        found = decode_prompts({**outputs, "pred_logits": shifted}, image.shape[:2], nms_radius=nms_radius)
-        return len(found[0]["points"])
-
-    # bisection on the fraction f of anchors called nuclei (shift = the (1 - f) quantile of the margins); at most
-    # 30 % of the anchors, which bounds the point NMS's work
-    lo, hi = 0.0, 0.3
-    for _ in range(25):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if count(float(torch.quantile(margin, 1 - mid))) > target else (mid, hi)
-    prompter.class_head.layers[-1].bias[-1] += float(torch.quantile(margin, 1 - lo))
-    found = decode_prompts(prompter(x), image.shape[:2], nms_radius=nms_radius)
-    return len(found[0]["points"])
-
-
-def random_model_file(path: str | Path, image: np.ndarray, prompts_per_tile: float = 40, variant: str = "vit_tiny",
-                      image_size: int = TILE, fpn_channels: int = 256, mlp_hidden: int = 256, seed: int = 0,
-                      finds_nothing: bool = False) -> Path:
-    """A model file of randomly initialised networks (prompter ``resnet_small``; segmentor ``variant`` at
-    ``image_size`` px) written with :func:`scripts.pipeline.model_file.export_model`, its prompter calibrated on ``image`` (see
-    :func:`calibrate_prompter`) — a cheap stand-in for a trained model, for tests and benchmarks.
-
-    ``finds_nothing``: the nuclear map is below 0.5 everywhere, so the pipeline finds no nucleus in any image.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    class_table = load_class_table()
-    torch.manual_seed(seed)
-    prompter = Prompter(num_classes=len(class_table), backbone="resnet_small", levels=(2, 3, 4), anchor_step=8,
-                        fpn_channels=fpn_channels, mlp_hidden=mlp_hidden).eval()
-    segmentor = build_segmentor(variant, image_size).eval()
-    calibrate_prompter(prompter, image, prompts_per_tile)
-    if finds_nothing:
-        with torch.no_grad():
-            prompter.mask_head[-1].bias.fill_(-1e4)
-    p_cfg = {"num_classes": len(class_table), "backbone": "resnet_small", "levels": [2, 3, 4], "anchor_step": 8,
-             "fpn_channels": fpn_channels, "mlp_hidden": mlp_hidden,
-             "class_names": [class_table[k]["name"] for k in sorted(class_table)]}
-    s_cfg = {"variant": variant, "image_size": image_size, "overrides": {}}
-    parts = path.parent / f".{path.stem}_parts"
-    parts.mkdir(exist_ok=True)
-    atomic_torch_save({"network": prompter.state_dict(), "config": p_cfg}, parts / "prompter.pt")
-    atomic_torch_save({"network": segmentor.state_dict(), "config": s_cfg}, parts / "segmentor.pt")
-    return export_model(parts / "prompter.pt", parts / "segmentor.pt", path)
-
-
-def machine(threads: int) -> dict:
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "nice": os.nice(0), "load_start": os.getloadavg()}
+from common import (BUNDLE, DOCS, TILE, Stopwatch, as_batch, he_crops, instrumented, machine, monuseg_files,
+                    random_model_file, slide_mosaic)
+from scripts.pipeline.model_file import load_model
+from scripts.prompter.decode import decode_prompts
+from scripts.data.records import load_class_table
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def monuseg_files() -> list[Path]:
-    return sorted((SHARED_DATA / "monuseg_train").glob("*.tif"))
-
-
 def he_record(size: int, index: int = 0):
     """A ``scripts.data.records.NucleusRecord`` of H&E with annotated nuclei, (size, size) px: a MoNuSeg 1000 px image
     (shared data) cropped, else a synthetic one; and a description."""
@@ -156,93 +64,7 @@ def he_record(size: int, index: int = 0):
     return record, f"MoNuSeg {path.stem}, {size} x {size} px ({nuclei} annotated nuclei)"
 
 
-def he_crops(size: int, count: int, seed: int = 0) -> list[np.ndarray]:
-    """``count`` RGB uint8 (size, size, 3) H&E crops at random places of the MoNuSeg images (synthetic without)."""
-    rng = np.random.default_rng(seed)
-    files = monuseg_files()
-    if not files:
-        from scripts.data.synthetic import make_synthetic_record
-
-        return [make_synthetic_record((size, size), n_nuclei=size * size // 1500, num_classes=4, seed=seed + k).image
-                for k in range(count)]
-    from scripts.data.readers.common import read_image
-
-    sources = [read_image(f) for f in files]
-    crops = []
-    for k in range(count):
-        src = sources[(seed + k) % len(sources)]
-        y, x = rng.integers(0, src.shape[0] - size + 1), rng.integers(0, src.shape[1] - size + 1)
-        crops.append(src[y : y + size, x : x + size].copy())
-    return crops
-
-
-def slide_mosaic(size: int, block: int = 512, tissue: float = 0.75, holes: float = 0.1, seed: int = 0) -> np.ndarray:
-    """An RGB uint8 (size, size, 3) slide-like mosaic: ``block`` px H&E crops over the top-left ``tissue`` x
-    ``tissue`` of the image, a fraction ``holes`` of those blocks left white, glass (white) elsewhere."""
-    rng = np.random.default_rng(seed)
-    mosaic = np.full((size, size, 3), 255, np.uint8)
-    n = max(1, int(round(size * tissue / block)))
-    blocks = [(r, c) for r in range(n) for c in range(n)]
-    blank = set(rng.permutation(len(blocks))[: int(round(holes * len(blocks)))].tolist())
-    crops = iter(he_crops(block, len(blocks), seed))
-    for k, (r, c) in enumerate(blocks):
-        crop = next(crops)
-        if k not in blank:
-            mosaic[r * block : (r + 1) * block, c * block : (c + 1) * block] = crop
-    return mosaic
-
-
 # ---------------------------------------------------------------------------------------------- per tile
-class Stopwatch:
-    """Seconds and calls accumulated per name by wrapped callables."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-
-    def wrap(self, name: str, fn: Callable) -> Callable:
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[name] += time.perf_counter() - start
-                self.calls[name] += 1
-        return timed
-
-    @contextmanager
-    def section(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.seconds[name] += time.perf_counter() - start
-        self.calls[name] += 1
-
-
-@contextmanager
-def instrumented(network, watch: Stopwatch) -> Iterator[None]:
-    """Time the pipeline's pieces while in the block: instance attributes shadow the methods of the prompter,
-    the segmentor and the pipeline, and ``scripts.pipeline.promptnucseg``'s prompt decoding is wrapped; all undone after."""
-    import scripts.pipeline.promptnucseg as pipeline
-
-    patches = [(network.prompter, "forward", "prompter network"), (network.segmentor, "encode", "encoder"),
-               (network.segmentor, "encode_whole", "encoder"),
-               (network.segmentor, "decode_windows", "decoder"), (network, "_paint", "stitching"),
-               (network, "_relabel", "stitching")]
-    module_patches = [("decode_prompts", "prompt decoding + NMS"), ("point_nms", "prompt decoding + NMS")]
-    originals = {name: getattr(pipeline, name) for name, _ in module_patches}
-    for obj, attr, name in patches:
-        obj.__dict__[attr] = watch.wrap(name, getattr(obj, attr))
-    for attr, name in module_patches:
-        setattr(pipeline, attr, watch.wrap(name, originals[attr]))
-    try:
-        yield
-    finally:
-        for obj, attr, _ in patches:
-            obj.__dict__.pop(attr, None)
-        for attr, fn in originals.items():
-            setattr(pipeline, attr, fn)
-
-
 def time_writers(watch: Stopwatch, prefix: str, image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray,
                  classes: dict, scores: dict, ious: dict, out_dir: Path) -> None:
     """Time each output of ``scripts.inference.write_image_outputs`` separately (sections ``prefix + piece``)."""
@@ -326,9 +148,9 @@ def run_bundle_inference(model_path: Path, input_file: Path, out_dir: Path, thre
            "--num_threads", str(threads), "--device", "$torch.device('cpu')"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=str(BUNDLE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wall = time.perf_counter() - start
+    watch = Stopwatch()
+    with watch.section("run"):
+        proc = subprocess.run(cmd, cwd=BUNDLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bundle inference on {input_file} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
     run_seconds, peak_kib = None, -1
@@ -337,7 +159,7 @@ def run_bundle_inference(model_path: Path, input_file: Path, out_dir: Path, thre
             run_seconds = float(line.rsplit(" s ->", 1)[0].rsplit(",", 1)[1].strip())
         if line.startswith("PEAK_RSS_KIB "):
             peak_kib = int(line.split()[1])
-    return {"wall_s": wall, "run_s": run_seconds, "peak_rss_mib": peak_kib / 1024, "log": proc.stdout}
+    return {"wall_s": watch.seconds["run"], "run_s": run_seconds, "peak_rss_mib": peak_kib / 1024, "log": proc.stdout}
 
 
 def imports_peak_mib() -> float:
@@ -363,9 +185,9 @@ def bench_slide(model_path: Path, size: int, threads: int, work: Path) -> dict:
 
     slide_path = work / "slide" / f"slide_{size}.tif"
     slide_path.parent.mkdir(parents=True)
-    start = time.perf_counter()
-    wsi.write_pyramidal_tiff(slide_path, slide_mosaic(size), levels=3)
-    write_s = time.perf_counter() - start
+    watch = Stopwatch()
+    with watch.section("write slide"):
+        wsi.write_pyramidal_tiff(slide_path, slide_mosaic(size), levels=3)
     options = SlideOptions()
     with wsi.open_slide(slide_path) as slide:
         mask = wsi.tissue_mask(slide)
@@ -377,7 +199,7 @@ def bench_slide(model_path: Path, size: int, threads: int, work: Path) -> dict:
     with open(out / f"{slide_path.stem}.csv") as f:
         nuclei = sum(1 for _ in f) - 1
     return {"size": size, "levels": 3, "slide_tile": options.tile_size, "slide_overlap": options.tile_overlap,
-            "tiles_kept": kept, "tiles_total": total, "nuclei": nuclei, "write_slide_s": write_s,
+            "tiles_kept": kept, "tiles_total": total, "nuclei": nuclei, "write_slide_s": watch.seconds["write slide"],
             "wall_s": run["wall_s"], "run_s": run["run_s"], "peak_rss_mib": run["peak_rss_mib"],
             "baseline_wall_s": baseline["wall_s"], "baseline_run_s": baseline["run_s"],
             "baseline_rss_mib": baseline["peak_rss_mib"], "imports_rss_mib": imports_peak_mib(),
@@ -400,11 +222,12 @@ def markdown(info: dict, tiles: dict[str, dict], slide: dict | None, image_note:
         "",
         f"CPU: {info['cpu']} ({info['cores']} logical cores), torch {info['torch']} with {info['threads']} "
         f"thread(s), fp32, Python {info['python']}, nice {info['nice']}; load average (1, 5, 15 min) at start "
-        f"{load(info['load_start'])}, at end {load(info['load_end'])}.",
+        f"{load(info['load'])}, at end {load(info['load_end'])}.",
         "",
         "Model: **randomly initialised** networks of the default architectures — prompter `resnet_small` (FPN and "
         "MLP width 256), segmentor `vit_tiny` or `conv_small` at 256 px — exported with "
-        "`scripts.pipeline.model_file.export_model`, with two biases of the prompter set (nuclear map above 0.5 on half of the "
+        "`scripts.pipeline.model_file.export_model`, with two biases of the prompter set (nuclear map above 0.5 on "
+        "half of the "
         "image below; background logit shifted) so that it yields a realistic ~40 prompts per 256 x 256 px of H&E "
         f"({calibration['found']} prompts on that {calibration['shape'][0]} x {calibration['shape'][1]} px image; "
         "on other images a random prompter finds more or fewer). Speed depends on the prompt count, not on the "
@@ -475,8 +298,10 @@ def markdown(info: dict, tiles: dict[str, dict], slide: dict | None, image_note:
             f"| a process that only imports torch, MONAI and the bundle's scripts | {s['imports_rss_mib']:.0f} MiB |",
             "",
             f"The slide raised the peak by {s['peak_rss_mib'] - s['baseline_rss_mib']:.0f} MiB over the one-tile "
-            f"run (not broken down further; one {s['slide_tile']} px slide tile's working set — prompter feature maps, "
-            "the stitched image embedding, up to 128 masks of 256 px at a time, label maps — is the likely part); slide tiles are read one at a time, GeoJSON and CSV are streamed, and "
+            f"run (not broken down further; one {s['slide_tile']} px slide tile's working set — prompter feature "
+            "maps, "
+            "the stitched image embedding, up to 128 masks of 256 px at a time, label maps — is the likely part); "
+            "slide tiles are read one at a time, GeoJSON and CSV are streamed, and "
             "only the overlay thumbnail (<= 2048 px) is held whole. Most of the resident memory is the libraries.",
             "",
         ]
@@ -501,12 +326,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.image_size, args.slide_size, args.repeats = 512, 1024, 1
-    output = args.output or (None if args.quick else str(REPO / "docs" / "benchmarks" / "pipeline.md"))
+    output = args.output or (None if args.quick else str(DOCS / "benchmarks" / "pipeline.md"))
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     info = machine(args.threads)
     print(f"CPU {info['cpu']} ({info['cores']} cores), torch {info['torch']}, {args.threads} thread(s), "
-          f"nice {info['nice']}, load average at start {info['load_start']}", flush=True)
+          f"nice {info['nice']}, load average at start {info['load']}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         work = Path(tmp)
@@ -516,7 +341,7 @@ def main() -> None:
         for variant in args.variants:
             models[variant] = random_model_file(work / variant / "model.pt", calibration, 40, variant=variant)
             with torch.no_grad():
-                prompts = decode_prompts(load_model(models[variant]).prompter(_as_batch(calibration)),
+                prompts = decode_prompts(load_model(models[variant]).prompter(as_batch(calibration)),
                                          calibration.shape[:2])
             found = {"found": len(prompts[0]["points"]), "shape": calibration.shape[:2]}
             tiles[variant] = bench_tile(models[variant], record, args.repeats, work / variant / "out")

@@ -10,34 +10,19 @@ backward, batch 1) over ``--runs`` runs after ``--warmup`` runs; writes a markdo
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import sys
-import time
+import math
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "bundle"))
+import torch
 
-import torch  # noqa: E402
-
-from machine import cpu_name  # noqa: E402
-from scripts.prompter.loss import PrompterLoss  # noqa: E402
-from scripts.prompter.net import Prompter  # noqa: E402
-
-
-def median_seconds(fn, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from common import DOCS, Stopwatch, machine
+from scripts.prompter.loss import PrompterLoss
+from scripts.prompter.net import Prompter
 
 
 def bench_backbone(name: str, args: argparse.Namespace) -> dict:
+    """Parameters (M) of the prompter with backbone ``name`` and the median seconds of an inference forward pass
+    and (``args.train``) of a training step on one ``args.size`` px tile."""
     torch.manual_seed(0)
     net = Prompter(args.num_classes, backbone=name, levels=tuple(args.levels), anchor_step=args.anchor_step)
     params = sum(p.numel() for p in net.parameters())
@@ -49,7 +34,8 @@ def bench_backbone(name: str, args: argparse.Namespace) -> dict:
         with torch.no_grad():
             net(image)
 
-    infer_s = median_seconds(infer, args.runs, args.warmup)
+    watch = Stopwatch()
+    watch.repeat("inference", infer, args.runs, args.warmup)
 
     net.train()
     criterion = PrompterLoss()
@@ -61,8 +47,10 @@ def bench_backbone(name: str, args: argparse.Namespace) -> dict:
         net.zero_grad(set_to_none=True)
         criterion(net(image), gt_points, gt_classes, mask)["loss"].backward()
 
-    train_s = median_seconds(train_step, max(1, args.runs // 2), 1) if args.train else float("nan")
-    return {"backbone": name, "params_m": params / 1e6, "infer_s": infer_s, "train_s": train_s}
+    if args.train:
+        watch.repeat("training step", train_step, max(1, args.runs // 2), 1)
+    return {"backbone": name, "params_m": params / 1e6, "infer_s": watch.median("inference"),
+            "train_s": watch.median("training step") if args.train else float("nan")}
 
 
 def main() -> None:
@@ -76,7 +64,7 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--anchor_step", type=int, default=8)
     parser.add_argument("--no_train", dest="train", action="store_false", help="skip the training-step timing")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "benchmarks" / "prompter.md")
+    parser.add_argument("--output", type=Path, default=DOCS / "benchmarks" / "prompter.md")
     args = parser.parse_args()
 
     backbones = args.backbones
@@ -89,9 +77,10 @@ def main() -> None:
         except ImportError:
             print("timm not importable: skipping convnext_small")
 
-    machine = f"{cpu_name()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}"
-    load = f", 1-min load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    print(f"machine: {machine}{load}")
+    info = machine()
+    load = f", 1-min load average {info['load'][0]:.1f}" if not math.isnan(info["load"][0]) else ""
+    host = f"{info['cpu']}, {info['cores']} CPUs visible, torch {info['torch']}"
+    print(f"machine: {host}{load}")
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -111,7 +100,7 @@ def main() -> None:
     lines = [
         "# Prompter CPU benchmark",
         "",
-        f"Machine: {machine}{load}.",
+        f"Machine: {host}{load}.",
         "",
         f"Setting: {setting}. Written by `benchmarks/bench_prompter.py`; figures on a shared machine are noisy.",
         "",
@@ -119,7 +108,8 @@ def main() -> None:
         "|---|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['backbone']} | {r['threads']} | {r['params_m']:.2f} | {r['infer_s']:.3f} | {r['train_s']:.3f} |" for r in rows
+        f"| {r['backbone']} | {r['threads']} | {r['params_m']:.2f} | {r['infer_s']:.3f} | {r['train_s']:.3f} |"
+        for r in rows
     ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines) + "\n")

@@ -5,7 +5,8 @@ one tile (Z = 1, 40, 150; one positive + one negative point each, each prompt on
 upsampled to the window's px), medians after
 warm-up. Prints the machine and writes a markdown table to ``docs/benchmarks/segmentor.md``.
 
-Usage (from the repository root): ``.venv/bin/python benchmarks/bench_segmentor.py [--threads 2] [--variants vit_tiny vit_b]``
+Usage (from the repository root):
+``.venv/bin/python benchmarks/bench_segmentor.py [--threads 2] [--variants vit_tiny vit_b]``
 
 A variant may carry ``SegmentorSpec`` overrides: ``conv_small:prompt_dim=128,decoder_mlp_dim=512,decoder_heads=4``
 (the default model's 128-d decoder), ``conv_small:patch_size=8`` (stride-8 tokens),
@@ -19,32 +20,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bundle"))
-
-from machine import cpu_name  # noqa: E402
-from scripts.segmentor.build import build_segmentor  # noqa: E402
-from scripts.segmentor.net import decode_at_points  # noqa: E402
+from common import DOCS, Stopwatch, machine
+from scripts.segmentor.build import build_segmentor
+from scripts.segmentor.net import decode_at_points
 
 
-def timed(fn, warmup: int, repeats: int) -> tuple[float, float]:
-    """(median, min) wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), min(times)
+def timed(watch: Stopwatch, name: str, fn, repeats: int) -> tuple[float, float]:
+    """(median, min) wall seconds of ``fn()`` over ``repeats`` runs after one warm-up, timed as ``name``."""
+    watch.repeat(name, fn, repeats, warmup=1)
+    return watch.median(name), watch.fastest(name)
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -69,14 +58,15 @@ def bench_variant(variant: str, image_size: int, prompts: list[int], repeats: in
         "window": model.embedding_size[0],
     }
     image = torch.rand(1, 3, image_size, image_size) * 255
+    watch = Stopwatch()
     with torch.inference_mode():
-        row["encoder_s"] = timed(lambda: model.encode(image), warmup=1, repeats=repeats)
+        row["encoder_s"] = timed(watch, "encoder", lambda: model.encode(image), repeats)
         emb = model.encode(image)
         for z in prompts:
             coords = torch.rand(z, 2, 2) * (image_size - 1)
             labels = torch.tensor([1, 0]).repeat(z, 1)
-            row[f"decoder_{z}"] = timed(lambda: decode_at_points(model, emb[0], coords, labels), warmup=1,
-                                        repeats=repeats)
+            row[f"decoder_{z}"] = timed(watch, f"decoder_{z}", lambda: decode_at_points(model, emb[0], coords, labels),
+                                        repeats)
     return row
 
 
@@ -87,16 +77,16 @@ def main() -> None:
     ap.add_argument("--prompts", nargs="+", type=int, default=[1, 40, 150])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "segmentor.md"))
+    ap.add_argument("--out", default=str(DOCS / "benchmarks" / "segmentor.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    load_before = os.getloadavg()
-    machine = (
-        f"CPU: {cpu_name()} ({os.cpu_count()} logical cores), torch {torch.__version__} with {torch.get_num_threads()} "
-        f"threads, fp32, Python {platform.python_version()}, nice {os.nice(0)}, load average before {load_before[0]:.2f}"
+    info = machine()
+    host = (
+        f"CPU: {info['cpu']} ({info['cores']} logical cores), torch {info['torch']} with {info['threads']} "
+        f"threads, fp32, Python {info['python']}, nice {info['nice']}, load average before {info['load'][0]:.2f}"
     )
-    print(machine, flush=True)
+    print(host, flush=True)
     rows = []
     for v in args.variants:
         row = bench_variant(v, args.image_size, args.prompts, args.repeats)
@@ -105,7 +95,8 @@ def main() -> None:
     load_after = os.getloadavg()
 
     header = (
-        "| variant | tokens: tile / decoder window | params total (M) | encoder (M) | prompt enc. (M) | decoder (M) | encoder s/tile | "
+        "| variant | tokens: tile / decoder window | params total (M) | encoder (M) | prompt enc. (M) | decoder (M) "
+        "| encoder s/tile | "
         + " | ".join(f"decoder @{z} prompts: ms/prompt" for z in args.prompts)
         + " |"
     )
@@ -114,11 +105,12 @@ def main() -> None:
         "",
         f"Written by `benchmarks/bench_segmentor.py` on {time.strftime('%Y-%m-%d %H:%M')}.",
         "",
-        machine + f"; load average after {load_after[0]:.2f}.",
+        host + f"; load average after {load_after[0]:.2f}.",
         "",
         f"Input {args.image_size} px; encoder on one tile (batch 1); decoder = prompt encoder + mask decoder batched "
         "over all prompts of one tile (1 positive + 1 negative point each, each prompt on the embedding window "
-        f"centred on it, single-mask output upsampled to the window's px). Median of {args.repeats} runs after one warm-up, the fastest run in brackets (less "
+        f"centred on it, single-mask output upsampled to the window's px). Median of {args.repeats} runs after one "
+        "warm-up, the fastest run in brackets (less "
         "sensitive to other processes). Decoder columns: milliseconds per prompt = seconds per batched call / "
         "prompts. Random weights (speed does not depend on them).",
         "",

@@ -22,27 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-BUNDLE = REPO / "bundle"
-sys.path.insert(0, str(BUNDLE))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_pipeline import random_model_file  # noqa: E402
-from machine import cpu_name  # noqa: E402
-from scripts.pipeline.model_file import load_model  # noqa: E402
-from scripts.inference import image_tensor  # noqa: E402
-from scripts.evaluation.metrics import panoptic_quality  # noqa: E402
-from scripts.data.records import METADATA_PATH, NucleusRecord  # noqa: E402
-from speed_vs_hovernet import HoverNetRunner  # noqa: E402
+from common import DOCS, MODEL, SHARED_DATA, HoverNetRunner, Stopwatch, machine, random_model_file
+from scripts.pipeline.model_file import load_model
+from scripts.inference import image_tensor
+from scripts.evaluation.metrics import panoptic_quality
+from scripts.data.records import METADATA_PATH, NucleusRecord
 
 
 def held_out_tiles(data: Path, count: int) -> list[NucleusRecord]:
@@ -55,16 +46,6 @@ def held_out_tiles(data: Path, count: int) -> list[NucleusRecord]:
     items = list_dataset([str(consep)], "auto", "val", 0.2, 0)
     tiles = [it.load() for it in items]
     return tiles[:: max(1, len(tiles) // count)][:count]
-
-
-def synced_seconds(fn) -> float:
-    """Wall time of ``fn()`` in s, the GPU's queue (if any) drained before and after."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def agreement(cpu_net, gpu_net, tiles: list[NucleusRecord]) -> dict:
@@ -84,13 +65,11 @@ def agreement(cpu_net, gpu_net, tiles: list[NucleusRecord]) -> dict:
 def tile_seconds(network, tiles: list[NucleusRecord]) -> tuple[float, float]:
     """Median end-to-end s per tile and median nuclei per tile, after one warm-up tile."""
     network(image_tensor(tiles[0].image))
-    times, counts = [], []
+    watch, counts = Stopwatch(sync=True), []
     for record in tiles:
-        tensor = image_tensor(record.image)
-        out = {}
-        times.append(synced_seconds(lambda: out.update(network(tensor))))
+        out = watch.time("tile", network, image_tensor(record.image))
         counts.append(len(out["classes"]))
-    return statistics.median(times), statistics.median(counts)
+    return watch.median("tile"), statistics.median(counts)
 
 
 def hovernet_seconds(tiles: list[NucleusRecord], device: torch.device) -> dict:
@@ -98,14 +77,11 @@ def hovernet_seconds(tiles: list[NucleusRecord], device: torch.device) -> dict:
     runner = HoverNetRunner()
     runner.network.to(device)
     runner.forward(tiles[0].image)
-    net, post = [], []
+    on_gpu, on_cpu = Stopwatch(sync=True), Stopwatch()
     for record in tiles:
-        net.append(synced_seconds(lambda: runner.forward(record.image)))
-        outputs = runner.outputs_from_truth(record)
-        start = time.perf_counter()
-        runner.postprocess(outputs)
-        post.append(time.perf_counter() - start)
-    return {"network": statistics.median(net), "post-processing": statistics.median(post)}
+        on_gpu.time("network", runner.forward, record.image)
+        on_cpu.time("post-processing", runner.postprocess, runner.outputs_from_truth(record))
+    return {"network": on_gpu.median("network"), "post-processing": on_cpu.median("post-processing")}
 
 
 def mosaic(tiles: list[NucleusRecord], size: int) -> np.ndarray:
@@ -158,10 +134,10 @@ def markdown(info: dict, agree: dict, rows: list[tuple[str, float, float]], hove
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--model", default=str(BUNDLE / "models" / "model.pt"))
+    parser.add_argument("--data", default=str(SHARED_DATA))
+    parser.add_argument("--model", default=str(MODEL))
     parser.add_argument("--tiles", type=int, default=32)
-    parser.add_argument("--output", default=str(REPO / "docs" / "results" / "gpu.md"))
+    parser.add_argument("--output", default=str(DOCS / "results" / "gpu.md"))
     parser.add_argument("--device", default="cuda:0", help="cpu: a smoke run of this script without a GPU")
     args = parser.parse_args()
     gpu = torch.device(args.device)
@@ -169,8 +145,9 @@ def main() -> None:
         raise SystemExit("gpu_check.py needs a CUDA GPU (or --device cpu for a smoke run)")
     tiles = held_out_tiles(Path(args.data), args.tiles)
     gpu_name = torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else "no GPU (smoke run)"
-    info = {"date": datetime.now().strftime("%Y-%m-%d"), "gpu": gpu_name, "cpu": cpu_name(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "tiles": len(tiles),
+    host = machine()
+    info = {"date": datetime.now().strftime("%Y-%m-%d"), "gpu": gpu_name, "cpu": host["cpu"],
+            "threads": host["threads"], "torch": host["torch"], "tiles": len(tiles),
             "version": json.loads(METADATA_PATH.read_text())["version"]}
     print(info, flush=True)
 
@@ -193,9 +170,9 @@ def main() -> None:
     print("hovernet", hover, flush=True)
     image = image_tensor(mosaic(tiles, 2048))
     shipped_gpu(image)
-    out = {}
-    seconds = synced_seconds(lambda: out.update(shipped_gpu(image)))
-    large = {"size": 2048, "seconds": seconds, "nuclei": len(out["classes"])}
+    watch = Stopwatch(sync=True)
+    out = watch.time("large", shipped_gpu, image)
+    large = {"size": 2048, "seconds": watch.seconds["large"], "nuclei": len(out["classes"])}
     print("large", large, flush=True)
     text = markdown(info, agree, rows, hover, large)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

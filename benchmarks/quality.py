@@ -27,14 +27,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BUNDLE = REPO / "bundle"
-SHARED_DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(BUNDLE))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bundle_cli import bundle  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from common import DOCS, MODEL, REPO, SHARED_DATA, cells, evaluate, fmt, machine
 
 SETS = {
     "MoNuSeg held-out, 40x": {"folder": "monuseg_train", "scale": 1.0},
@@ -56,7 +49,6 @@ PAPER = [  # Table 4 (Kumar) of the paper, SAM ViT-B/H trained on GPU with the o
     ("paper: HoVer-Net, Kumar test", {"aji": 0.618, "dq": 0.770, "sq": 0.773, "pq": 0.597}),
     ("paper: PromptNucSeg-B, CPM-17 test", {"aji": 0.731, "dq": 0.892, "sq": 0.813, "pq": 0.726}),
 ]
-COLUMNS = ["pq", "dq", "sq", "aji", "aji_plus", "f1_det"]
 
 
 def unseen_site_images(folder: str) -> list[str]:
@@ -72,36 +64,19 @@ def unseen_site_images(folder: str) -> list[str]:
             if site(it.name) not in trained_sites]
 
 
-def evaluate(folder: str, scale: float, method_args: list[str], model: Path, out: Path,
-             images: list[str] | None = None) -> dict:
-    cmd = ["evaluating", "--config_file", "configs/evaluate.json",
-           "--dataset_dir", str(SHARED_DATA / folder), "--subset", "val", "--scale", str(scale),
-           "--model_path", str(model), "--output_dir", str(out), *method_args]
-    if images:
-        cmd += ["--images", json.dumps(images)]
-    bundle(*cmd)
-    return json.loads((out / "metrics.json").read_text())
-
-
-def fmt(value) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
-def cells(metrics: dict, columns=COLUMNS) -> str:
-    """Markdown table cells of ``metrics`` (a metrics.json) for ``columns``, "–" where undefined."""
-    return " | ".join(fmt(metrics.get(c)) for c in columns)
-
-
 def markdown(results: dict, model: Path, command: str, unseen: list[str]) -> str:
+    trained = f"{datetime.fromtimestamp(model.stat().st_mtime):%Y-%m-%d}"
+    shown = model.relative_to(REPO) if model.is_relative_to(REPO) else model
     lines = [
         "## Quality on held-out real H&E",
         "",
-        f"Command: `{command}` ({datetime.fromtimestamp(model.stat().st_mtime):%Y-%m-%d} model, {cpu_name()}). Model: `{model.relative_to(REPO) if model.is_relative_to(REPO) else model}`.",
+        f"Command: `{command}` ({trained} model, {machine()['cpu']}). Model: `{shown}`.",
         "Images the training never saw: the default training's validation split (MoNuSeg: 3 of the 13 shared",
         "images; CoNSeP: 5 of its 27 images = 80 tiles), scored by `configs/evaluate.json` (definitions in",
         "[metrics.md](metrics.md)). The 20x rows resample the same images to half size; with",
         "`--pipeline#input_scale 2` the pipeline is told the magnification and resamples them back to the model's 40x.",
-        f"\"Sites not in training\": {', '.join(unseen) or 'none'}, the held-out MoNuSeg images from TCGA tissue-source",
+        f"\"Sites not in training\": {', '.join(unseen) or 'none'}, the held-out MoNuSeg images from TCGA "
+        "tissue-source",
         "sites (hospitals, hence their staining) that no training image comes from; their 20x rows, without",
         "`input_scale`, are another source and another magnification at once. All TCGA slides were scanned by the same",
         "project, so this is a partial proxy for a new lab; no H&E from another dataset is on this machine.",
@@ -111,13 +86,15 @@ def markdown(results: dict, model: Path, command: str, unseen: list[str]) -> str
     ]
     for set_name, by_method in results.items():
         for method, m in by_method.items():
-            lines.append(f"| {set_name} | {method} | {cells(m)} | {m.get('n_true', '–')} / {m.get('n_pred', '–')} |")
+            lines.append(f"| {set_name} | {method} | {cells(m)} "
+                         f"| {m.get('n_true', '–')} / {m.get('n_pred', '–')} |")
     for name, m in PAPER:
         lines.append(f"| {name} | (published) | {fmt(m['pq'])} | {fmt(m['dq'])} | {fmt(m['sq'])} | {fmt(m['aji'])} "
                      "| – | – | – |")
     typed = results.get("CoNSeP held-out tiles, 40x", {})
     if typed:
-        lines += ["", "CoNSeP classes (held-out tiles): multi-class PQ and per-class PQ (the baseline has no classes).", "",
+        lines += ["", "CoNSeP classes (held-out tiles): multi-class PQ and per-class PQ (the baseline has no "
+                  "classes).", "",
                   "| method | mPQ | " + " | ".join(_class_names(typed)) + " |",
                   "|---|---|" + "---|" * len(_class_names(typed))]
         for method, m in typed.items():
@@ -158,9 +135,9 @@ def _without_options(argv: list[str], flags: set[str], with_value: set[str]) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(BUNDLE / "models" / "model.pt"))
+    parser.add_argument("--model", default=str(MODEL))
     parser.add_argument("--work", default="/tmp/quality")
-    parser.add_argument("--output", default=str(REPO / "docs" / "results" / "quality.md"))
+    parser.add_argument("--output", default=str(DOCS / "results" / "quality.md"))
     parser.add_argument("--report_only", action="store_true", help="rewrite the page from the metrics in --work")
     parser.add_argument("--only", default="", help="(re)evaluate only the sets whose name contains this text; the "
                         "others are read from the metrics already in --work")

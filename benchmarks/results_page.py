@@ -18,17 +18,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+from common import DOCS
 SECTIONS = [
     ("results/quality.md", "benchmarks/quality.py"),
     ("results/speed.md", "benchmarks/speed_vs_hovernet.py"),
 ]
 LINKED = [
-    ("benchmarks/negative_prompts.md", "negative prompts K = 0/1/2 in training and testing (synthetic, oracle prompts)"),
+    ("benchmarks/negative_prompts.md",
+     "negative prompts K = 0/1/2 in training and testing (synthetic, oracle prompts)"),
     ("benchmarks/inference_ablation.md",
      "mask-aided filtering on/off, K = 0/1/2 and the detection rule at test time (shipped model, real data)"),
     ("benchmarks/token_stride.md", "segmentor token stride 16 vs 8 (synthetic, oracle prompts)"),
-    ("benchmarks/token_stride_4.md", "segmentor token stride 4 with a 64 px decoding window (synthetic, oracle prompts)"),
+    ("benchmarks/token_stride_4.md",
+     "segmentor token stride 4 with a 64 px decoding window (synthetic, oracle prompts)"),
     ("benchmarks/vit_tiny_encoder.md", "segmentor encoder vit_tiny vs conv_small (synthetic, oracle prompts)"),
     ("benchmarks/prompter_ablation.md", "prompter auxiliary head and mask-aided filtering (synthetic)"),
     ("benchmarks/segmentor.md", "segmentor variants: encoder and decoder cost"),
@@ -84,13 +86,15 @@ def main() -> None:
             parts += [f"## {section}", "", f"Not measured yet: run `python {script}`.", ""]
     if (DOCS / "results" / "curves.png").is_file():
         parts += ["## Training curves of the shipped model", "",
-                  "Validation oracle PQ of the segmentor and detection F1 of the prompter per epoch (MLflow store of the "
+                  "Validation oracle PQ of the segmentor and detection F1 of the prompter per epoch (MLflow store "
+                  "of the "
                   "default training, `scripts/compare_runs.py --plot`; a run resumed after an interruption is a new "
                   "run of the same name; each stage counts its own epochs). The segmentor's stages: "
                   "`default-segmentor` (16 px tokens), `default-segmentor-s8` (8 px tokens on 128 px windows, from "
                   "the former's epoch 58), `default-segmentor-s4` (4 px tokens on 96 px windows, from the s8 stage's "
                   "epoch 24; the shipped segmentor is its epoch 16). The prompter: `default-prompter-r18-aug` "
-                  "(ResNet-18 backbone, 120 epochs with scale and H&E stain augmentation; shipped since 0.5.0: epoch 102), "
+                  "(ResNet-18 backbone, 120 epochs with scale and H&E stain augmentation; shipped since 0.5.0: "
+                  "epoch 102), "
                   "`default-prompter-r18` (the same without them, 60 epochs; shipped in 0.4.0: epoch 52, in 0.4.1: "
                   "epoch 56), `default-prompter` (`resnet_small`, shipped in 0.3.0: epoch 58) and "
                   "`default-prompter-ft` (20 more epochs of the latter: no better on the held-out images, not "

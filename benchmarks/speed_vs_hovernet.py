@@ -28,28 +28,18 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-REPO = Path(__file__).resolve().parent.parent
-BUNDLE = REPO / "bundle"
-SHARED_DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(BUNDLE))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_pipeline import Stopwatch, he_crops, instrumented, machine, random_model_file, slide_mosaic  # noqa: E402
-from scripts.pipeline.model_file import load_model  # noqa: E402
-from scripts.inference import image_tensor  # noqa: E402
-from scripts.data.records import NucleusRecord  # noqa: E402
-from scripts.segmentor.net import decode_at_points  # noqa: E402
-
-TILE = 256
-HOVERNET_OUT = 164  # fast mode: central 164 px of a 256 px input
+from common import (DOCS, HOVERNET_OUT, MODEL, REPO, SHARED_DATA, TILE, HoverNetRunner, Stopwatch, he_crops,
+                    instrumented, machine, random_model_file, slide_mosaic)
+from scripts.pipeline.model_file import load_model
+from scripts.inference import image_tensor
+from scripts.data.records import NucleusRecord
+from scripts.segmentor.net import decode_at_points
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -73,15 +63,8 @@ def eval_tiles(count: int) -> tuple[list[NucleusRecord], str]:
 def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
     """Best dense fp32 matmul rate of this machine, GFLOP/s (``torch.mm`` of two size x size matrices)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
+    best = min(Stopwatch().repeat("mm", lambda: torch.mm(a, b), repeats, warmup=1))
     return 2 * size**3 / best / 1e9
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def flops(fn) -> float:
@@ -89,53 +72,6 @@ def flops(fn) -> float:
     with FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
-
-
-# ---------------------------------------------------------------------------------------------- HoVer-Net
-class HoverNetRunner:
-    """MONAI HoVer-Net, fast mode, and its instance / type post-processing."""
-
-    def __init__(self) -> None:
-        from monai.apps.pathology.transforms.post.dictionary import (
-            HoVerNetInstanceMapPostProcessingd,
-            HoVerNetNuclearTypePostProcessingd,
-        )
-        from monai.networks.nets import HoVerNet
-
-        torch.manual_seed(0)
-        self.network = HoVerNet(mode="fast", in_channels=3, out_classes=5).eval()
-        self.instances = HoVerNetInstanceMapPostProcessingd(activation="softmax")
-        self.types = HoVerNetNuclearTypePostProcessingd(activation="softmax")
-
-    @torch.no_grad()
-    def forward(self, image: np.ndarray) -> dict:
-        """The network on an (H, W, 3) uint8 RGB tile, on the network's device."""
-        device = next(self.network.parameters()).device
-        return self.network(torch.from_numpy(image.transpose(2, 0, 1).copy()).float()[None].to(device) / 255.0)
-
-    @staticmethod
-    def outputs_from_truth(record: NucleusRecord) -> dict:
-        """HoVer-Net-shaped outputs (C, 164, 164) made from the tile's central ground truth (confident logits)."""
-        from monai.transforms import ComputeHoVerMaps
-
-        margin = (TILE - HOVERNET_OUT) // 2
-        inst = record.inst_map[margin : margin + HOVERNET_OUT, margin : margin + HOVERNET_OUT]
-        types = record.type_map if record.type_map is not None else (record.inst_map > 0).astype(np.int32)
-        types = types[margin : margin + HOVERNET_OUT, margin : margin + HOVERNET_OUT]
-        fg = torch.from_numpy((inst > 0).astype(np.float32))
-        nuclear = torch.stack([1 - fg, fg]) * 8.0
-        type_logits = torch.nn.functional.one_hot(torch.from_numpy(types.astype(np.int64)).clamp(0, 4), 5)
-        hover = torch.as_tensor(ComputeHoVerMaps()(inst[None].astype(np.int64)))
-        # a network's maps are never exactly flat (MONAI rejects a constant map: tiles without nuclei)
-        hover = hover + 1e-3 * torch.randn(hover.shape, generator=torch.Generator().manual_seed(0))
-        return {
-            "nucleus_prediction": nuclear,
-            "horizontal_vertical": hover,
-            "type_prediction": type_logits.permute(2, 0, 1).float() * 8.0,
-        }
-
-    def postprocess(self, outputs: dict) -> dict:
-        return self.types(self.instances(dict(outputs)))
 
 
 # ---------------------------------------------------------------------------------------------- measurements
@@ -146,9 +82,8 @@ def time_tiles(network, hovernet: HoverNetRunner, tiles: list[NucleusRecord], ne
     hovernet.forward(tiles[0].image)
     if network_tta is not None:
         network_tta(image_tensor(tiles[0].image))
-    tta: list[float] = []
-    ours: list[Stopwatch] = []
-    theirs: dict[str, list[float]] = {"network": [], "post-processing": []}
+    ours: list[Stopwatch] = []  # one per tile: the pieces of one pipeline call
+    whole = Stopwatch()  # a run per tile: HoVer-Net's "network" and "post-processing", our pipeline with TTA "tta"
     prompts: list[int] = []
     for record in tiles:
         watch = Stopwatch()
@@ -157,19 +92,20 @@ def time_tiles(network, hovernet: HoverNetRunner, tiles: list[NucleusRecord], ne
             result = network(tensor)
         ours.append(watch)
         prompts.append(int(len(result["classes"])))
-        theirs["network"].append(_seconds(lambda: hovernet.forward(record.image)))
+        whole.time("network", hovernet.forward, record.image)
         outputs = hovernet.outputs_from_truth(record)
-        theirs["post-processing"].append(_seconds(lambda: hovernet.postprocess(outputs)))
+        whole.time("post-processing", hovernet.postprocess, outputs)
         if network_tta is not None:
-            tta.append(_seconds(lambda: network_tta(tensor)))
+            whole.time("tta", network_tta, tensor)
     stages = ["prompter network", "prompt decoding + NMS", "encoder", "decoder", "stitching", "total"]
     return {
         "ours": {s: statistics.median(w.seconds[s] for w in ours) for s in stages},
         "ours_mean_total": statistics.mean(w.seconds["total"] for w in ours),
-        "hovernet": {k: statistics.median(v) for k, v in theirs.items()},
-        "hovernet_mean_total": statistics.mean(a + b for a, b in zip(*theirs.values())),
+        "hovernet": {k: whole.median(k) for k in ("network", "post-processing")},
+        "hovernet_mean_total": statistics.mean(a + b for a, b in zip(whole.runs["network"],
+                                                                     whole.runs["post-processing"])),
         "nuclei_median": statistics.median(prompts),
-        "tta_total": statistics.median(tta) if tta else None,
+        "tta_total": whole.median("tta") if whole.runs["tta"] else None,
     }
 
 
@@ -201,9 +137,8 @@ def decoder_scaling(network, record: NucleusRecord, counts: list[int], repeats: 
     for n in counts:
         points = torch.rand(n, 2, 2, generator=generator) * TILE
         labels = torch.tensor([[1, 0]]).expand(n, 2)
-        _decode(network, embedding, points, labels)
-        seconds = min(_seconds(lambda: _decode(network, embedding, points, labels)) for _ in range(repeats))
-        rows.append({"prompts": n, "decoder_s": seconds})
+        runs = Stopwatch().repeat("decoder", lambda: _decode(network, embedding, points, labels), repeats, warmup=1)
+        rows.append({"prompts": n, "decoder_s": min(runs)})
     return rows
 
 
@@ -212,11 +147,12 @@ def size_scaling(network, sizes: list[int]) -> list[dict]:
     """End-to-end seconds of the pipeline on H&E images of each size (crops or mosaics of MoNuSeg images)."""
     rows = []
     for size in sizes:
-        image = he_crops(size, 1, seed=size)[0] if size <= 1000 else slide_mosaic(size, block=512, tissue=1.0, holes=0.0)
+        image = (he_crops(size, 1, seed=size)[0] if size <= 1000
+                 else slide_mosaic(size, block=512, tissue=1.0, holes=0.0))
         tensor = image_tensor(image)
-        start = time.perf_counter()
-        result = network(tensor)
-        rows.append({"size": size, "seconds": time.perf_counter() - start, "nuclei": int(len(result["classes"]))})
+        watch = Stopwatch()
+        result = watch.time("pipeline", network, tensor)
+        rows.append({"size": size, "seconds": watch.seconds["pipeline"], "nuclei": int(len(result["classes"]))})
         print(f"  {size} px: {rows[-1]['seconds']:.2f} s, {rows[-1]['nuclei']} nuclei", flush=True)
     return rows
 
@@ -264,7 +200,7 @@ def markdown(info: dict, model_note: str, tiles_note: str, t: dict, fl: dict, ra
         "",
         f"Command: `{command}` ({info['date']}).",
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}; "
-        f"load average {info['load_start'][0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
+        f"load average {info['load'][0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
         f"Model: {model_note}. Tiles: {tiles_note}; median {t['nuclei_median']:.0f} nuclei found per tile.",
         "",
         f"**PromptNucSeg is {speedup:.1f}x faster than MONAI's HoVer-Net per 256 px tile** (medians, same process, "
@@ -273,22 +209,28 @@ def markdown(info: dict, model_note: str, tiles_note: str, t: dict, fl: dict, ra
         "",
         "| method / stage | s per 256 px tile (median) | GFLOP | GFLOP / matmul rate (s) |",
         "|---|---|---|---|",
-        f"| PromptNucSeg, end to end | {ours['total']:.3f} | {(fl['prompter'] + fl['encoder'] + fl['decoder']) / 1e9:.1f} "
+        f"| PromptNucSeg, end to end | {ours['total']:.3f} "
+        f"| {(fl['prompter'] + fl['encoder'] + fl['decoder']) / 1e9:.1f} "
         f"| {(fl['prompter'] + fl['encoder'] + fl['decoder']) / 1e9 / rate:.3f} |",
-        f"| &nbsp; prompter network | {ours['prompter network']:.3f} | {fl['prompter'] / 1e9:.1f} | {fl['prompter'] / 1e9 / rate:.3f} |",
+        f"| &nbsp; prompter network | {ours['prompter network']:.3f} | {fl['prompter'] / 1e9:.1f} "
+        f"| {fl['prompter'] / 1e9 / rate:.3f} |",
         f"| &nbsp; prompt decoding + NMS | {ours['prompt decoding + NMS']:.3f} | – | – |",
-        f"| &nbsp; segmentor image encoder | {ours['encoder']:.3f} | {fl['encoder'] / 1e9:.1f} | {fl['encoder'] / 1e9 / rate:.3f} |",
-        f"| &nbsp; mask decoder ({t['nuclei_median']:.0f} prompts) | {ours['decoder']:.3f} | {fl['decoder'] / 1e9:.1f} | "
+        f"| &nbsp; segmentor image encoder | {ours['encoder']:.3f} | {fl['encoder'] / 1e9:.1f} "
+        f"| {fl['encoder'] / 1e9 / rate:.3f} |",
+        f"| &nbsp; mask decoder ({t['nuclei_median']:.0f} prompts) | {ours['decoder']:.3f} "
+        f"| {fl['decoder'] / 1e9:.1f} | "
         f"{fl['decoder'] / 1e9 / rate:.3f} |",
         f"| &nbsp; stitching | {ours['stitching']:.3f} | – | – |",
-        *([f"| PromptNucSeg with prompter TTA (`--prompter_tta true`, 8 prompter passes), end to end | "
+        *([f"| PromptNucSeg with prompter TTA (`--pipeline#prompter_tta true`, 8 prompter passes), end to end | "
            f"{t['tta_total']:.3f} | – | – |"] if t.get("tta_total") else []),
-        f"| HoVer-Net (fast), end to end | {hv_total:.3f} | {fl['hovernet'] / 1e9:.1f} | {fl['hovernet'] / 1e9 / rate:.3f} |",
+        f"| HoVer-Net (fast), end to end | {hv_total:.3f} | {fl['hovernet'] / 1e9:.1f} "
+        f"| {fl['hovernet'] / 1e9 / rate:.3f} |",
         f"| &nbsp; network | {hv['network']:.3f} | {fl['hovernet'] / 1e9:.1f} | {fl['hovernet'] / 1e9 / rate:.3f} |",
         f"| &nbsp; post-processing (MONAI) | {hv['post-processing']:.3f} | – | – |",
         "",
         f"Dense fp32 matmul rate measured here: {rate:.0f} GFLOP/s (2048 x 2048 `torch.mm`, best of 5). Means: "
-        f"PromptNucSeg {t['ours_mean_total']:.3f} s, HoVer-Net {t['hovernet_mean_total']:.3f} s per tile. The decoder's "
+        f"PromptNucSeg {t['ours_mean_total']:.3f} s, HoVer-Net {t['hovernet_mean_total']:.3f} s per tile. "
+        "The decoder's "
         "FLOPs are counted at the median prompt count with one negative point per prompt. The last column is the "
         "time the counted FLOPs would take at the `torch.mm` rate: a floor for matmul-bound stages (the mask "
         "decoder: many small matmuls run far from it), not for convolutions, which oneDNN runs faster than that "
@@ -306,7 +248,8 @@ def markdown(info: dict, model_note: str, tiles_note: str, t: dict, fl: dict, ra
         "",
         "| image (px) | end to end (s) | nuclei | s per 256 px of area |",
         "|---|---|---|---|",
-        *[f"| {r['size']} x {r['size']} | {r['seconds']:.2f} | {r['nuclei']} | {r['seconds'] / (r['size'] ** 2 / TILE**2):.3f} |"
+        *[f"| {r['size']} x {r['size']} | {r['seconds']:.2f} | {r['nuclei']} "
+          f"| {r['seconds'] / (r['size'] ** 2 / TILE**2):.3f} |"
           for r in sizes],
         "",
         f"![end-to-end time against image size](results/{pictures[1]})",
@@ -317,19 +260,20 @@ def markdown(info: dict, model_note: str, tiles_note: str, t: dict, fl: dict, ra
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(BUNDLE / "models" / "model.pt"))
+    parser.add_argument("--model", default=str(MODEL))
     parser.add_argument("--random", action="store_true", help="random weights of the default architecture")
     parser.add_argument("--tiles", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max_size", type=int, default=4096)
     parser.add_argument("--quick", action="store_true", help="4 tiles, sizes up to 1024 (smoke run)")
-    parser.add_argument("--output", default=str(REPO / "docs" / "results" / "speed.md"))
+    parser.add_argument("--output", default=str(DOCS / "results" / "speed.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     info = {**machine(args.threads), "date": datetime.now().strftime("%Y-%m-%d %H:%M")}
     tiles, tiles_note = eval_tiles(4 if args.quick else args.tiles)
     if args.random:
-        model_path = random_model_file(Path(tempfile.mkdtemp()) / "model.pt", he_crops(1000, 1)[0], variant="conv_small")
+        model_path = random_model_file(Path(tempfile.mkdtemp()) / "model.pt", he_crops(1000, 1)[0],
+                                       variant="conv_small")
         model_note = "default architecture, random weights (prompter calibrated to ~40 prompts per tile)"
     else:
         model_path = Path(args.model)

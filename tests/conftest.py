@@ -74,15 +74,15 @@ SYNTHETIC_SIZE = 128
 SYNTHETIC_TRAINING = [
     "--stage", "both", "--patch_size", str(SYNTHETIC_SIZE), "--val_fraction", "0.125", "--seed", "0",
     "--val_interval", "10",
-    "--prompter#max_epochs", "25", "--prompter#lr", "0.001", "--prompter#fpn_channels", "64",
-    "--prompter#mlp_hidden", "64", "--prompter#nms_radius", "8",
+    "--prompter#hparams#max_epochs", "25", "--prompter#hparams#lr", "0.001", "--prompter#hparams#fpn_channels", "64",
+    "--prompter#hparams#mlp_hidden", "64", "--prompter#hparams#nms_radius", "8",
     # the CPU recipe of the default config (conv_small, balanced BCE + dice + IoU MSE, lr 1e-3), with a
     # 128-d mask decoder (2.3x faster steps than SAM's 256-d one) so the test trains in minutes; oracle PQ
     # plateaus near 0.45 from epoch 50 on this data (measured), far from converged
-    "--segmentor#sam_variant", "conv_small", "--segmentor#max_epochs", "80", "--segmentor#lr", "0.001",
-    "--segmentor#overrides", "{'prompt_dim': 128, 'decoder_mlp_dim': 512, 'decoder_heads': 4}",
-    "--segmentor#num_prompts_per_image", "16", "--segmentor#batch_size", "8", "--segmentor#mask_loss", "bce",
-    "--segmentor#mask_reduction", "balanced", "--segmentor#focal_weight", "1.0",
+    "--segmentor#hparams#sam_variant", "conv_small", "--segmentor#hparams#max_epochs", "80", "--segmentor#hparams#lr", "0.001",
+    "--segmentor#hparams#overrides", "{'prompt_dim': 128, 'decoder_mlp_dim': 512, 'decoder_heads': 4}",
+    "--segmentor#hparams#num_prompts_per_image", "16", "--segmentor#hparams#batch_size", "8", "--segmentor#hparams#mask_loss", "bce",
+    "--segmentor#hparams#mask_reduction", "balanced", "--segmentor#hparams#focal_weight", "1.0",
 ]
 
 

@@ -33,7 +33,7 @@ def test_configs_are_valid_json_with_run_ids(name):
 
 def test_network_def_runs_on_declared_input(tmp_path):
     """Like ``verify_net_in_out``: instantiate ``network_def`` from inference.json, feed the declared input."""
-    from scripts.training.checkpoints import atomic_torch_save
+    from scripts.io.atomic import atomic_torch_save
     from scripts.pipeline.model_file import export_model
     from scripts.prompter.net import Prompter
     from scripts.segmentor.build import build_segmentor
@@ -59,9 +59,16 @@ def test_network_def_runs_on_declared_input(tmp_path):
     assert out["type_map"].shape == tuple(shape)
     n = int(out["inst_map"].max())
     assert out["points"].shape == (n, 2) and out["classes"].shape == (n,) and out["ious"].shape == (n,)
-    assert net.prompter_tta is False
-    parser.update({"prompter_tta": True})  # as ``--prompter_tta true`` on the command line
-    assert parser.get_parsed_content("network_def", lazy=False).prompter_tta is True
+    assert net.options.prompter_tta is False
+    parser.update({"pipeline#prompter_tta": "true"})  # as ``--pipeline#prompter_tta true`` on the command line
+    assert parser.get_parsed_content("network_def", lazy=False).options.prompter_tta is True
+    for word, value in (("False", False), ("no", False), ("1", True)):
+        parser.update({"pipeline#prompter_tta": word})
+        assert parser.get_parsed_content("network_def", lazy=False).options.prompter_tta is value
+    parser.update({"pipeline#prompter_tta": "ture"})  # a typo is an error naming the option, never "true"
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content("network_def", lazy=False)
+    assert "prompter_tta must be true or false" in _messages(raised.value)
 
 
 def test_missing_model_file_is_a_clear_error(tmp_path):
@@ -70,11 +77,16 @@ def test_missing_model_file_is_a_clear_error(tmp_path):
     parser.update({"bundle_root": str(BUNDLE_ROOT), "model_path": str(tmp_path / "absent.pt"), "device": "cpu"})
     with pytest.raises(Exception) as raised:
         parser.get_parsed_content("network_def")
-    error, messages = raised.value, []
-    while error is not None:  # MONAI wraps the loader's error; the user sees the whole chain
+    assert "model file not found" in _messages(raised.value) and "absent.pt" in _messages(raised.value)
+
+
+def _messages(error: BaseException | None) -> str:
+    """The messages of an exception and its causes (MONAI wraps the loader's error; the user sees the chain)."""
+    messages = []
+    while error is not None:
         messages.append(str(error))
         error = error.__cause__
-    assert any("model file not found" in m and "absent.pt" in m for m in messages)
+    return "\n".join(messages)
 
 
 def test_default_training_config_mixes_typed_and_untyped_data(shared_data):
@@ -90,8 +102,8 @@ def test_default_training_config_mixes_typed_and_untyped_data(shared_data):
     assert len(train) + len(val) == 445 and sum(it.name.startswith("TCGA") for it in val) == 3
     names = [d["name"] for d in parser.get_parsed_content("train_data")]
     assert names.count(train[-1].name) == 15 and len(names) == len(train) - 10 + 150  # 10 MoNuSeg images x 15
-    assert parser.get_parsed_content("segmentor#max_epochs") == 100
-    assert parser.get_parsed_content("prompter#lr_decay_epoch") == 48
+    assert parser.get_parsed_content("segmentor#hparams#max_epochs") == 100
+    assert parser.get_parsed_content("prompter#hparams#lr_decay_epoch") == 48
 
 
 def test_prompter_with_scale_and_stain_augmentation_config(shared_data):
@@ -104,7 +116,7 @@ def test_prompter_with_scale_and_stain_augmentation_config(shared_data):
                                                           "train_default_prompter_r18_aug.json")])
     parser["bundle_root"] = str(BUNDLE_ROOT)
     parser["data_root"] = str(shared_data)
-    assert parser.get_parsed_content("prompter#lr_decay_epoch") == 96
+    assert parser.get_parsed_content("prompter#hparams#lr_decay_epoch") == 96
     set_determinism(0)
     dataset = parser.get_parsed_content("prompter#train#dataset")
     for index in range(0, len(dataset), len(dataset) // 12):

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import BUNDLE_PYTHON, BUNDLE_ROOT, bundle_env, run_bundle
-from scripts.training.checkpoints import BestMetric, atomic_torch_save, load_checkpoint
+from scripts.io.atomic import atomic_torch_save
+from scripts.io.checkpoints import load_checkpoint
+from scripts.training.checkpoints import BestMetric
 from scripts.data.synthetic import write_synthetic_dataset
 
 
@@ -53,7 +55,7 @@ def test_training_killed_mid_run_resumes_from_last_epoch(tmp_path):
     data = write_synthetic_dataset(tmp_path / "data", 10, size=(64, 64), n_nuclei=(4, 8), num_classes=2, seed=1)
     out = tmp_path / "run"
     args = ["--stage", "prompter", "--dataset_dir", str(data), "--output_dir", str(out), "--patch_size", "64",
-            "--val_fraction", "0.2", "--prompter#batch_size", "4"]
+            "--val_fraction", "0.2", "--prompter#hparams#batch_size", "4"]
     cmd = [BUNDLE_PYTHON, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
            *args, "--max_epochs", "1000"]
     last = out / "prompter" / "last.pt"
@@ -88,7 +90,7 @@ def test_training_killed_mid_run_resumes_from_last_epoch(tmp_path):
 
 
 def test_warm_start_prompter_from_a_training_checkpoint(tmp_path):
-    """``prompter#init_checkpoint``: a prompter starts from the ``network`` entry of another run's best.pt; a
+    """``prompter#hparams#init_checkpoint``: a prompter starts from the ``network`` entry of another run's best.pt; a
     checkpoint of another network is refused by name."""
     from scripts.training.checkpoints import warm_start
     from scripts.prompter.net import Prompter

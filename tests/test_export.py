@@ -1,19 +1,25 @@
 """The model file: export from training checkpoints in float32 / float16 / int8 storage, read back as float32;
-older files still read; a file of another kind is refused by name."""
+the class table travels with the model (a PanNuke-trained model writes PanNuke's class names); older files still
+read, with the bundle's table; a file of another kind is refused by name."""
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import BUNDLE_ROOT
-from scripts.training.checkpoints import atomic_torch_save
+from conftest import BUNDLE_ROOT, run_bundle
+from scripts.io.atomic import atomic_torch_save
 from scripts.pipeline.model_file import INT8_MIN_ELEMENTS, PARTS, export_model, load_model, part_state_dict, read_model_file
 from scripts.inference import image_tensor
 from scripts.evaluation.metrics import panoptic_quality
 from scripts.data.readers.common import read_image
+from scripts.data.readers.pannuke import CLASS_NAMES as PANNUKE_CLASSES
+from scripts.data.records import load_class_table
+from scripts.data.synthetic import write_synthetic_dataset
 
 SHIPPED = BUNDLE_ROOT / "models" / "model.pt"
 SAMPLE = sorted((BUNDLE_ROOT / "sample_data" / "images").glob("*.png"))[0]
@@ -81,17 +87,66 @@ def test_int8_model_finds_the_same_nuclei_on_a_sample_tile(exported) -> None:
     assert agreement > 0.95
 
 
-def test_format_1_files_read_and_other_files_are_refused(shipped_checkpoints, tmp_path) -> None:
-    old = {"format": "promptnucseg/1"}
-    for part, path in zip(PARTS, shipped_checkpoints):
-        checkpoint = torch.load(path, weights_only=True)
-        old[part] = {"config": checkpoint["config"], "state_dict": checkpoint["network"]}
-    atomic_torch_save(old, tmp_path / "old.pt")
-    assert load_model(tmp_path / "old.pt").prompter is not None
+def test_older_formats_read_with_the_bundle_table_and_other_files_are_refused(shipped_checkpoints, tmp_path) -> None:
+    for old_format in ("promptnucseg/1", "promptnucseg/2"):
+        old = {"format": old_format}
+        for part, path in zip(PARTS, shipped_checkpoints):
+            checkpoint = torch.load(path, weights_only=True)
+            old[part] = {"config": checkpoint["config"], "state_dict": checkpoint["network"]}
+        atomic_torch_save(old, tmp_path / "old.pt")
+        network = load_model(tmp_path / "old.pt")
+        assert network.prompter is not None and network.class_table == load_class_table()
     atomic_torch_save({"format": "something/9"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other\.pt: not a PromptNucSeg model file \(format 'something/9'"):
         read_model_file(tmp_path / "other.pt")
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    with pytest.raises(ValueError, match=r"notes\.txt: not a PromptNucSeg model file"):
+        read_model_file(tmp_path / "notes.txt")
     with pytest.raises(FileNotFoundError, match="absent.pt"):
         read_model_file(tmp_path / "absent.pt")
     with pytest.raises(ValueError, match="storage must be one of"):
         export_model(*shipped_checkpoints, tmp_path / "x.pt", storage="bfloat16")
+
+
+def test_exported_model_carries_its_class_table(shipped_checkpoints, tmp_path) -> None:
+    """A prompter trained with other class names (here PanNuke's, in another order) gives a table of those names,
+    colours kept for the names the bundle knows and distinct for the others; an untyped model an empty table."""
+    prompter, segmentor = (torch.load(path, weights_only=True) for path in shipped_checkpoints)
+    renamed = {**prompter, "config": {**prompter["config"], "class_names": ["Neoplastic", "Inflammatory",
+                                                                               "Connective", "Dead", "Epithelial"]}}
+    atomic_torch_save(renamed, tmp_path / "p.pt")
+    table = read_model_file(export_model(tmp_path / "p.pt", shipped_checkpoints[1], tmp_path / "m.pt"))["class_table"]
+    assert [table[k]["name"] for k in sorted(table)] == list(PANNUKE_CLASSES.values())
+    bundle_colors = {v["name"]: v["color"] for v in load_class_table().values()}
+    assert table[2]["color"] == bundle_colors["Inflammatory"] and table[5]["color"] == bundle_colors["Epithelial"]
+    assert len({tuple(v["color"]) for v in table.values()}) == 5
+    untyped = {**prompter, "config": {**prompter["config"], "class_names": []}}
+    atomic_torch_save(untyped, tmp_path / "u.pt")
+    assert read_model_file(export_model(tmp_path / "u.pt", shipped_checkpoints[1], tmp_path / "u_model.pt")
+                           )["class_table"] == {}
+
+
+@pytest.mark.slow
+def test_pannuke_trained_model_writes_pannuke_class_names(tmp_path) -> None:
+    """Train both stages on small folds in PanNuke's exact format (5 classes), export, run ``inference``: the
+    GeoJSON and CSV name PanNuke's classes, with no flag about classes."""
+    data = write_synthetic_dataset(tmp_path / "pannuke", n_images=8, size=(64, 64), n_nuclei=(6, 10), num_classes=5,
+                                   seed=3, dataset_format="pannuke")
+    assert sorted(p.name for p in data.iterdir()) == ["Fold 1"]
+    run = tmp_path / "run"
+    run_bundle("training", "configs/train.json", "--dataset_dir", str(data), "--output_dir", str(run),
+               "--max_epochs", "1", "--epoch_length", "1", "--patch_size", "64", "--val_fraction", "0.25",
+               "--prompter#hparams#batch_size", "2", "--segmentor#hparams#batch_size", "2",
+               "--segmentor#hparams#num_prompts_per_image", "4", "--segmentor#hparams#sam_variant", "conv_small")
+    model = export_model(run / "prompter" / "last.pt", run / "segmentor" / "last.pt", tmp_path / "model.pt")
+    # an untrained prompter finds no nucleus with the default rule: take every anchor (the writers are under test)
+    run_bundle("inference", "configs/inference.json", "--model_path", str(model), "--input_dir",
+               str(BUNDLE_ROOT / "sample_data" / "images"), "--output_dir", str(tmp_path / "out"),
+               "--pipeline#foreground_threshold", "0", "--pipeline#mask_filter", "false", "--device", "cpu")
+    geojson = sorted((tmp_path / "out").glob("*.geojson"))
+    names = {f["properties"]["classification"]["name"] for path in geojson
+             for f in json.loads(path.read_text())["features"] if "classification" in f["properties"]}
+    assert names and names <= set(PANNUKE_CLASSES.values())
+    with open(sorted((tmp_path / "out").glob("*.csv"))[0], newline="") as f:
+        csv_names = {row["class_name"] for row in csv.DictReader(f)}
+    assert csv_names and csv_names <= set(PANNUKE_CLASSES.values())

@@ -2,7 +2,7 @@
 overlays; bad inputs give an output or an error naming the file, and never stop the other inputs.
 
 Most tests use a cheap model (random networks, prompter biases set so it finds about 8 prompts per 256 px tile;
-see ``benchmarks/bench_pipeline.random_model_file``): they check the files, not the nuclei. The tests marked
+see ``benchmarks/common.random_model_file``): they check the files, not the nuclei. The tests marked
 ``slow`` at the end use the model trained on synthetic data (``trained_model_path``) where good nuclei matter.
 """
 
@@ -12,6 +12,7 @@ import csv
 import json
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from PIL import Image
 from scipy import ndimage
 from shapely.geometry import shape
 
-from conftest import REPO_ROOT, run_bundle
+from conftest import REPO_ROOT, bundle_env, run_bundle
 from scripts.io import wsi
 from scripts.pipeline.model_file import load_model
 from scripts.inference import (InferenceFailures, SlideOptions, image_tensor, is_whole_slide, run_inference,
@@ -33,7 +34,7 @@ from scripts.data.readers.common import read_image
 from scripts.data.synthetic import make_synthetic_record
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-from bench_pipeline import random_model_file  # noqa: E402
+from common import random_model_file  # noqa: E402
 
 # the class table, read from the bundle's metadata.json here (not through scripts.data.records)
 CLASS_TABLE = {int(k): v for k, v in json.loads((REPO_ROOT / "bundle" / "configs" / "metadata.json").read_text())
@@ -245,6 +246,22 @@ def test_missing_model_file_is_named(tmp_path, image_dir):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_failed_command_says_what_went_wrong_first_and_last(tmp_path, model_file):
+    """A text file given as the model and a typo in a boolean option: the error under MONAI's "Failed to evaluate"
+    wrappers is the line before the traceback and the last line, naming the file or the option."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model\n")
+    cases = [(["--model_path", str(notes)], f"promptnucseg: ValueError: {notes}: not a PromptNucSeg model file"),
+             (["--model_path", str(model_file), "--pipeline#prompter_tta", "ture"],
+              "promptnucseg: ValueError: prompter_tta must be true or false (also yes/no, 1/0), got 'ture'")]
+    for args, expected in cases:
+        proc = run_bundle("inference", "configs/inference.json", "--input_dir", str(REPO_ROOT / "bundle" / "sample_data"
+                          / "images"), "--output_dir", str(tmp_path / "out"), *args, *THREADS, check=False, timeout=300)
+        lines = proc.stdout.strip().splitlines()
+        assert proc.returncode != 0 and lines[-1].startswith(expected), lines[-3:]
+        assert lines.index(lines[-1]) < lines.index("Traceback (most recent call last):")
+
+
 def test_missing_input_dir_is_named(tmp_path, model_file):
     missing = tmp_path / "no_such_dir"
     proc = run_bundle("inference", "configs/inference.json", "--input_dir", str(missing), "--output_dir",
@@ -264,6 +281,73 @@ def test_empty_input_dir_and_image_errors_name_the_file(tmp_path, model):
     zero.write_bytes(b"")
     with pytest.raises(ValueError, match=re.escape(str(zero))):
         segment_image_file(model, zero, tmp_path / "out", CLASS_TABLE)
+
+
+def test_inputs_sharing_a_stem_are_refused_before_any_work(tmp_path, model):
+    """``a.png`` and ``a.jpg`` would both write ``a.*``: an error naming both, nothing written."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tile = np.full((64, 48, 3), 200, np.uint8)
+    Image.fromarray(tile).save(folder / "a.png")
+    Image.fromarray(tile).save(folder / "a.jpg")
+    Image.fromarray(tile).save(folder / "b.png")
+    with pytest.raises(ValueError, match=r"same stem .*a\.jpg, a\.png"):
+        run_inference(model, str(tmp_path / "out"), input_dir=str(folder))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_rerun_into_the_input_folder_reads_no_outputs(tmp_path, model):
+    """``--output_dir`` equal to ``--input_dir``: the second run segments the same images, not their outputs."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    samples = sorted((REPO_ROOT / "bundle" / "sample_data" / "images").glob("*.png"))[:2]
+    for sample in samples:
+        shutil.copy(sample, folder)
+    first = run_inference(model, str(folder), input_dir=str(folder))
+    files = sorted(p.name for p in folder.iterdir())
+    second = run_inference(model, str(folder), input_dir=str(folder), overwrite=True)
+    assert sorted(second.nuclei) == sorted(first.nuclei) == sorted(str(folder / s.name) for s in samples)
+    assert second.nuclei == first.nuclei
+    assert sorted(p.name for p in folder.iterdir()) == files  # the same 2 x 6 files, rewritten
+    third = run_inference(model, str(folder), input_dir=str(folder))  # without overwrite: nothing left to do
+    assert not third.nuclei and sorted(third.skipped) == sorted(first.nuclei)
+
+
+def test_unwritable_output_folder_fails_before_any_image_is_segmented(tmp_path, model):
+    calls = CountingNetwork(model)
+    not_a_folder = tmp_path / "taken"
+    not_a_folder.write_text("a file where the output folder should be")
+    with pytest.raises(PermissionError, match=f"output_dir {re.escape(str(not_a_folder / 'out'))} is not writable"):
+        run_inference(calls, str(not_a_folder / "out"), input_dir=str(REPO_ROOT / "bundle" / "sample_data" / "images"))
+    assert calls.calls == 0
+
+
+@pytest.mark.slow
+def test_cohort_on_two_ranks_does_each_input_once_and_a_rerun_only_what_is_missing(tmp_path):
+    """``torchrun --nproc_per_node 2`` with ``configs/multi_gpu_inference.json`` (gloo on CPU): the sample tiles
+    shared between the ranks, each segmented once; a rerun skips inputs whose outputs are complete, redoes one whose
+    overlay is missing, and ``--overwrite true`` redoes them all."""
+    samples = sorted((REPO_ROOT / "bundle" / "sample_data" / "images").glob("*.png"))
+    out = tmp_path / "cohort"
+
+    def cohort(*extra: str) -> list[str]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "monai.bundle", "run", "inference", "--config_file",
+               "['configs/inference.json','configs/multi_gpu_inference.json']", "--input_dir",
+               str(samples[0].parent), "--output_dir", str(out), "--num_threads", "1", *extra]
+        proc = subprocess.run(cmd, cwd=REPO_ROOT / "bundle", env=bundle_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        assert proc.stdout.count("process group ready (gloo") == 2
+        return sorted(re.findall(r"INFO - (\S+\.png): \d+ nuclei in", proc.stdout))
+
+    assert cohort() == sorted(s.name for s in samples)  # every input once, across both ranks
+    assert len(list(out.iterdir())) == 5 * len(samples)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (out / f"{samples[2].stem}_overlay.png").unlink()  # as if killed before its last output
+    assert cohort() == [samples[2].name]
+    assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in out.iterdir() if samples[2].stem not in p.name)
+    assert cohort("--overwrite", "true") == sorted(s.name for s in samples)
 
 
 # ------------------------------------------------------------------------------------------------ slides
@@ -296,6 +380,7 @@ class CountingNetwork(torch.nn.Module):
     def __init__(self, network) -> None:
         super().__init__()
         self.network = network
+        self.class_table = network.class_table
         self.calls = 0
 
     def forward(self, image):

@@ -26,15 +26,16 @@ from monai.utils import path_to_sqlite_uri  # noqa: E402
 
 from conftest import BUNDLE_ROOT, bundle_env, run_bundle  # noqa: E402
 from scripts.training.tracking import (  # noqa: E402
-    _artifact_files,
+    artifact_files,
     default_tracking_uri,
     numeric_metrics,
-    points_to_discs,
     tracking_problem,
 )
+from scripts.training.tracking_overlays import points_to_discs, sample_overlay  # noqa: E402
+from scripts.training.tracking_run import StageRun  # noqa: E402  (its logger must exist before caplog starts)
 
 TINY = ["--max_epochs", "2", "--epoch_length", "1", "--patch_size", "64", "--val_fraction", "0.25",
-        "--segmentor#num_prompts_per_image", "4", "--prompter#batch_size", "2", "--segmentor#batch_size", "2"]
+        "--segmentor#hparams#num_prompts_per_image", "4", "--prompter#hparams#batch_size", "2", "--segmentor#hparams#batch_size", "2"]
 
 
 def _closed_port() -> int:
@@ -62,6 +63,65 @@ def test_points_to_discs_ids_and_clipping() -> None:
     assert points_to_discs(np.zeros((0, 2)), (4, 4)).max() == 0
 
 
+def test_sample_overlay_is_drawn_in_memory_truth_left_prediction_right() -> None:
+    import torch
+
+    table = {1: {"name": "a", "color": [255, 0, 0]}, 2: {"name": "b", "color": [0, 0, 255]}}
+    image = torch.full((3, 20, 30), 100.0)  # (3, H, W) in [0, 255], as the evaluator's batch holds it
+    output = {"points": torch.tensor([[5.0, 10.0]]), "classes": torch.tensor([1]),
+              "pred_points": torch.tensor([[20.0, 10.0]]), "pred_classes": torch.tensor([2])}  # (x, y)
+    overlay = sample_overlay(image, output, table)
+    assert overlay.dtype == np.uint8 and overlay.shape == (20, 2 * 30 + 4, 3)
+    assert overlay[10, 5 + 3].tolist() == [255, 0, 0]  # truth: the right edge of the disc around (5, 10)
+    assert overlay[10, 34 + 20 + 3].tolist() == [0, 0, 255]  # prediction, in the right panel
+    assert (overlay[:, 30:34] == 255).all() and overlay[0, 0].tolist() == [100, 100, 100]
+    output["pred_classes"] = torch.tensor([7])  # a class outside the table: every nucleus unclassified
+    assert sample_overlay(image, output, table)[10, 34 + 20 + 3].tolist() == [255, 255, 0]
+    assert sample_overlay(image, {"loss": 1.0}, table) is None
+
+
+def test_log_evaluation_logs_the_scores_and_overlays_without_predicting_again(tmp_path: Path) -> None:
+    from monai.handlers import MLFlowHandler
+
+    from scripts.data.records import NucleusRecord
+    from scripts.evaluation.scoring import evaluate
+    from scripts.training.tracking_evaluation import log_evaluation
+
+    inst = np.zeros((32, 32), np.int32)
+    inst[4:12, 4:12], inst[18:28, 16:26] = 1, 2
+    records = [NucleusRecord(name=f"im{i}", image=np.full((32, 32, 3), 90, np.uint8), inst_map=inst, type_map=inst)
+               for i in range(3)]
+
+    class Predictions:
+        class_table = {1: {"name": "a", "color": [255, 0, 0]}, 2: {"name": "b", "color": [0, 0, 255]}}
+        calls = 0
+
+        def predict(self, record: NucleusRecord) -> tuple[np.ndarray, np.ndarray]:
+            Predictions.calls += 1
+            return record.inst_map, record.type_map
+
+    predictions = Predictions()
+    scores = evaluate(records, predictions, {1: "a", 2: "b"}, tmp_path / "eval", n_samples=2)
+    assert scores["pq"] == pytest.approx(1.0) and [s.record.name for s in scores.samples] == ["im0", "im1"]
+    uri = default_tracking_uri(tmp_path / "eval")
+    handler = MLFlowHandler(tracking_uri=uri, experiment_name="e", run_name="r")
+    run_ids = log_evaluation([handler, object()], scores, params={"pred_dir": "x"}, tags={"variant": "v"},
+                             predictions=predictions)
+    assert Predictions.calls == 3  # the scoring's predictions only
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_ids[0])
+    assert run.data.tags["stage"] == "evaluation" and run.data.params["pred_dir"] == "x"
+    assert run.data.metrics["pq"] == pytest.approx(1.0) and run.data.metrics["n_images"] == 3
+    assert "metrics.json" in [a.path for a in client.list_artifacts(run_ids[0])]
+    overlays = [a.path for a in client.list_artifacts(run_ids[0], "overlays")]
+    assert overlays == ["overlays/im0_overlay.png", "overlays/im1_overlay.png"]
+    from PIL import Image
+
+    drawn = np.asarray(Image.open(client.download_artifacts(run_ids[0], overlays[1], str(tmp_path / "dl"))))
+    assert drawn.shape == (32, 32, 3) and drawn[18, 20].tolist() == [0, 0, 255]  # the predictions' class table
+    assert log_evaluation([], scores) == []  # no --tracking: nothing
+
+
 def test_tracking_problem_names_a_closed_port_and_sqlite_folder_is_made(tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{_closed_port()}"
     problem = tracking_problem(uri, timeout=2)
@@ -74,7 +134,7 @@ def test_tracking_problem_names_a_closed_port_and_sqlite_folder_is_made(tmp_path
 def test_artifact_files_repair_monai_unevaluated_config_path(tmp_path: Path) -> None:
     config = tmp_path / "config_20240101_000000.json"
     config.write_text("{}")
-    assert _artifact_files([f"{tmp_path} + '/config_20240101_000000.json'", None, tmp_path / "missing"]) == [config]
+    assert artifact_files([f"{tmp_path} + '/config_20240101_000000.json'", None, tmp_path / "missing"]) == [config]
 
 
 # ----------------------------------------------------------------------------------------------- bundle runs
@@ -142,7 +202,7 @@ def test_training_stages_are_tracked(tracked: dict) -> None:
         assert len(configs) == 1 and configs[0].endswith(".json"), configs
         assert len(overlays) == 1 and overlays[0].endswith(".png"), overlays
         local = Path(client.download_artifacts(run_id, configs[0], str(tracked["out"] / "dl" / run_id)))
-        assert json.loads(local.read_text())["prompter"]["anchor_step"] == 8
+        assert json.loads(local.read_text())["prompter"]["hparams"]["anchor_step"] == 8
     assert "MLflow run" in tracked["logs"]
 
 
@@ -256,11 +316,9 @@ def test_store_failure_mid_run_warns_once_and_engine_goes_on(tmp_path: Path, mon
     import torch
     from ignite.engine import Engine, Events
 
-    from scripts.training.tracking import StageTracker
-
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    tracker = StageTracker("segmentor", tracking_uri=default_tracking_uri(tmp_path), params={"lr": 0.1},
-                           iteration_log=False)
+    tracker = StageRun("segmentor", tracking_uri=default_tracking_uri(tmp_path), params={"lr": 0.1},
+                       iteration_log=False)
     engine = Engine(lambda e, batch: {"loss": torch.tensor(1.0)})
 
     @engine.on(Events.EPOCH_COMPLETED(once=2))
@@ -274,7 +332,8 @@ def test_store_failure_mid_run_warns_once_and_engine_goes_on(tmp_path: Path, mon
     tracker.attach(engine)
     engine.run([0, 1], max_epochs=3)
     assert engine.state.epoch == 3 and not tracker.enabled
-    warnings = [r.getMessage() for r in caplog.records if r.name == "scripts.training.tracking" and r.levelname == "WARNING"]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "scripts.training.tracking_run" and r.levelname == "WARNING"]
     assert len(warnings) == 1 and "MLflow tracking of segmentor stopped: logging metrics failed" in warnings[0]
     client = mlflow.MlflowClient(default_tracking_uri(tmp_path))
     run_id = client.search_runs([client.get_experiment_by_name("promptnucseg").experiment_id])[0].info.run_id

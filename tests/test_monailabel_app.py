@@ -3,7 +3,9 @@
 Both models are called through the REST API on a CoNSeP tile and their answers compared with the pipeline run in
 this process on the same image with the same model file: the same nuclei, one valid polygon each, in slide
 coordinates, inside the requested region, with class names of the bundle. Malformed requests get a 4xx with a
-message and the server keeps serving. The trainer fine-tunes from a label submitted the way QuPath submits it.
+message and the server keeps serving. The server segments only images of its datastore (or the request's own
+upload or session), answers "missing" and "not allowed" alike, writes nothing outside the studies folder and removes
+temporary uploads on every path. The trainer fine-tunes from a label submitted the way QuPath submits it.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from lib.annotations import annotation_from_instances  # noqa: E402
 from lib.clicks import segment_clicks  # noqa: E402
 from lib.region import Region, resolve_region  # noqa: E402
 from lib.labels import label_region, read_asap_outlines, write_folder_dataset  # noqa: E402
-from lib.model import class_colors  # noqa: E402
-from scripts.training.checkpoints import atomic_torch_save  # noqa: E402
+from scripts.io.atomic import atomic_torch_save  # noqa: E402
 from scripts.pipeline.model_file import export_model, load_model  # noqa: E402
+from scripts.pipeline.options import PipelineOptions  # noqa: E402
 from scripts.prompter.net import Prompter  # noqa: E402
 from scripts.data.readers.common import read_image  # noqa: E402
 from scripts.data.records import load_class_table  # noqa: E402
@@ -48,6 +50,7 @@ pytestmark = pytest.mark.slow
 
 TILE = "train_10_000"
 CLASS_NAMES = {k: v["name"] for k, v in load_class_table().items()}
+CLASS_COLORS = {v["name"]: list(v["color"]) for v in load_class_table().values()}
 MAX_REGION_AREA = 70000  # > one 256 x 256 tile, < the 512 x 512 mosaic
 TIMEOUT = 120
 
@@ -119,6 +122,9 @@ def _free_port() -> int:
 class Server:
     def __init__(self, url: str, studies: Path, model_path: Path, log: Path) -> None:
         self.url, self.studies, self.model_path, self.log = url, studies, model_path, log
+        self.root = studies.parent
+        self.tmp = self.root / "tmp"  # the server's TMPDIR: where MONAI Label saves uploads
+        self.outside = self.root / "outside.png"  # a readable image outside the studies folder
 
     def infer(self, model: str, params: dict | str | None = None, image: str | None = TILE, **query):
         q = {"image": image, "output": "json", **query} if image else {"output": "json", **query}
@@ -137,6 +143,8 @@ def server(tmp_path_factory, shared_data, model_file, tile) -> Server:
     studies.mkdir()
     shutil.copy(_tile_path(shared_data), studies / f"{TILE}.jpg")
     Image.fromarray(np.tile(tile, (2, 2, 1))).save(studies / "mosaic.png")  # 512 x 512: above max_region_area
+    Image.fromarray(tile).save(root / "outside.png")
+    (root / "tmp").mkdir()
     port = _free_port()
     log = root / "server.log"
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
@@ -144,7 +152,8 @@ def server(tmp_path_factory, shared_data, model_file, tile) -> Server:
            "--conf", "max_region_area", str(MAX_REGION_AREA), "--conf", "train_dir", str(root / "train"),
            "--conf", "device", "cpu"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
-           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSIONS": "false"}
+           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSIONS": "true",
+           "MONAI_LABEL_SESSION_PATH": str(root / "sessions"), "TMPDIR": str(root / "tmp")}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -182,7 +191,7 @@ def _expected_annotation(model, image: np.ndarray, location=(0, 0)) -> dict:
     out = model(_as_tensor(image))
     names = {i + 1: n for i, n in enumerate(CLASS_NAMES[k] for k in sorted(CLASS_NAMES))}
     ann = annotation_from_instances(out["inst_map"].numpy(), out["classes"].numpy(), out["scores"].numpy(),
-                                    out["ious"].numpy(), location, names, class_colors(names))
+                                    out["ious"].numpy(), location, names, CLASS_COLORS)
     return {**ann, "inst_map": out["inst_map"].numpy()}
 
 
@@ -304,7 +313,7 @@ def test_clicks_segment_clicked_nuclei_and_nothing_far_away(server, model, tile,
     assert clicks[-1]["status"] == "no nucleus" and clicks[-1]["id"] is None  # nothing rather than a blob
     names = {i + 1: n for i, n in enumerate(CLASS_NAMES[k] for k in sorted(CLASS_NAMES))}
     expected = annotation_from_instances(res.inst_map, res.classes, res.scores, res.ious, (0, 0), names,
-                                         class_colors(names))
+                                         CLASS_COLORS)
     assert annotation == expected
     accepted = [c for c in clicks if c["status"] == "accepted"]
     assert len(polygons) == len(accepted)
@@ -326,7 +335,20 @@ def test_clicks_segment_clicked_nuclei_and_nothing_far_away(server, model, tile,
     [
         ("promptnucseg", "{not json", TILE, 400, "not valid JSON"),
         ("promptnucseg", {}, None, 400, "no image"),
-        ("promptnucseg", {}, "no_such_image", 404, "'no_such_image' not found"),
+        ("promptnucseg", {}, "no_such_image", 404, "image 'no_such_image' is not an image of this server's datastore"),
+        ("promptnucseg", "[1, 2, 3]", TILE, 400, "'params' must be a JSON object {...}, got an array: [1, 2, 3]"),
+        ("promptnucseg", "null", TILE, 400, "'params' must be a JSON object"),
+        ("promptnucseg", '"abc"', TILE, 400, "'params' must be a JSON object"),
+        ("promptnucseg", "[" * 100000, TILE, 400, "'params' is not valid JSON"),
+        ("promptnucseg", {"size": [10**32, 5]}, TILE, 400, "'size' holds 1000"),
+        ("promptnucseg", {"location": [10**32, 5]}, TILE, 400, "'location' holds 1000"),
+        ("promptnucseg", {"size": [-5, 5]}, TILE, 400, "'size' must hold non-negative integers"),
+        ("promptnucseg", {"location": ["a", 5]}, TILE, 400, "'location' entries must be a number"),
+        ("promptnucseg", {"device": "no-such-device"}, TILE, 400, "'device'"),
+        ("promptnucseg", {"logging": "loud"}, TILE, 400, "'logging'"),
+        ("promptnucseg", {"timeout": "soon"}, TILE, 400, "'timeout'"),
+        ("promptnucseg_click", {"foreground": [[10**32, 5]]}, TILE, 400, "'foreground' holds 1000"),
+        ("promptnucseg_click", {"foreground": [[5, 5]], "exclude_radius": 10**400}, TILE, 400, "'exclude_radius'"),
         ("no_such_model", {}, TILE, 404, "unknown model"),
         ("promptnucseg", {"location": "abc"}, TILE, 400, "'location'"),
         ("promptnucseg", {"location": [300, 0]}, TILE, 400, "outside the image"),
@@ -364,6 +386,132 @@ def test_server_still_serves_after_errors(server, tile):
     _check_polygons(_annotation(response), (0, 0, 80, 64))
 
 
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _wsi(server: Server, query: dict, body: dict) -> requests.Response:
+    return requests.post(f"{server.url}/infer/wsi/promptnucseg", params=query, json=body, timeout=TIMEOUT)
+
+
+def test_only_datastore_images_are_served_and_refusals_look_alike(server):
+    """A path (absolute or relative to the server's folder, existing or not, an image or not) is refused with the
+    404 of an unknown id, on every infer route and in every place a request can name its image."""
+    images = {
+        "absolute path of an image": str(server.outside),
+        "relative path of an image": os.path.relpath(server.outside, REPO_ROOT),  # from the server's working dir
+        "absolute path of a non-image": "/etc/passwd",
+        "relative path of a non-image": "../" * 12 + "etc/passwd",
+        "path of a datastore image": str(server.studies / f"{TILE}.jpg"),
+        "missing id": "no_such_image",
+        "missing path": str(server.root / "nowhere.png"),
+    }
+    expected = {(404, "image <image> is not an image of this server's datastore")}
+
+    def answers(ask) -> dict[str, tuple[int, str]]:
+        out = {}
+        for what, image in images.items():
+            response = ask(image)
+            out[what] = (response.status_code, response.json().get("detail", "").replace(repr(image), "<image>"))
+        return out
+
+    region = {"location": [0, 0], "size": [32, 32]}
+    assert set(answers(lambda image: server.infer("promptnucseg", region, image=image)).values()) == expected
+    in_params = answers(lambda image: server.infer("promptnucseg", {**region, "image": image}))
+    assert set(in_params.values()) == expected
+    wsi_query = answers(lambda image: _wsi(server, {"image": image, "output": "json"}, region))
+    assert set(wsi_query.values()) == expected
+    wsi_params = answers(lambda image: _wsi(server, {"image": TILE, "output": "json"},
+                                            {**region, "params": {"image": image}}))
+    assert set(wsi_params.values()) == expected
+    # an uploaded file is segmented; a path in params does not replace it
+    upload = {"file": ("patch.png", _png(np.asarray(Image.open(server.outside))[:48, :40]), "image/png")}
+    response = requests.post(f"{server.url}/infer/promptnucseg", params={"output": "json"}, files=upload,
+                             data={"params": "{}"}, timeout=TIMEOUT)
+    _check_polygons(_annotation(response), (0, 0, 40, 48))
+    response = requests.post(f"{server.url}/infer/promptnucseg", params={"output": "json"}, files=upload,
+                             data={"params": json.dumps({"image": str(server.outside)})}, timeout=TIMEOUT)
+    assert response.status_code == 404, response.text
+    # batch inference (ids of the datastore, or a list in its params) reads no path either
+    response = requests.post(f"{server.url}/batch/infer/promptnucseg", params={"run_sync": "true"}, timeout=TIMEOUT,
+                             json={"images": [str(server.outside)], "device": "cpu", "multi_gpu": False,
+                                   "max_workers": 1, "save_label": False})
+    assert response.status_code == 404 and "is not an image of this server's datastore" in response.text
+
+
+def test_sessions_are_served(server, tile):
+    response = requests.put(f"{server.url}/session/", files={"files": ("patch.png", _png(tile[:40, :56]), "image/png")},
+                            timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    session_id = response.json()["session_id"]
+    response = requests.post(f"{server.url}/infer/promptnucseg", params={"session_id": session_id, "output": "json"},
+                             data={"params": "{}"}, timeout=TIMEOUT)
+    _check_polygons(_annotation(response), (0, 0, 56, 40))
+    response = requests.post(f"{server.url}/infer/promptnucseg", params={"session_id": "nope", "output": "json"},
+                             data={"params": "{}"}, timeout=TIMEOUT)
+    assert response.status_code == 404 and "session 'nope' is not a session" in response.json()["detail"]
+
+
+def test_nothing_is_written_outside_the_studies_folder(server, tile):
+    """Image ids and label tags are joined to the studies folder by MONAI Label: '../' in them is refused."""
+    before = sorted(p.name for p in server.root.iterdir())
+    response = requests.put(f"{server.url}/datastore/image", params={"image": "../escaped_image"}, timeout=TIMEOUT,
+                            files={"file": ("patch.png", _png(tile[:32, :32]), "image/png")})
+    assert response.status_code == 400 and "'image' must be a plain name" in response.json()["detail"]
+    label = '<?xml version="1.0"?><ASAP_Annotations><Annotations /></ASAP_Annotations>'
+    response = requests.put(f"{server.url}/datastore/label", params={"image": TILE, "tag": "../../escaped_label"},
+                            files={"label": (f"{TILE}.xml", label.encode(), "application/xml")},
+                            data={"params": "{}"}, timeout=TIMEOUT)
+    assert response.status_code == 400 and "'tag' must be a plain name" in response.json()["detail"]
+    response = requests.put(f"{server.url}/datastore/label", params={"image": "/etc/passwd", "tag": "final"},
+                            files={"label": (f"{TILE}.xml", label.encode(), "application/xml")},
+                            data={"params": "{}"}, timeout=TIMEOUT)
+    assert response.status_code == 404 and "is not an image of this server's datastore" in response.json()["detail"]
+    response = server.infer("promptnucseg", {"size": [32, 32], "save_label": True, "label_tag": "../../escaped_infer",
+                                             "output": "asap"})
+    assert response.status_code == 400 and "'label_tag' must be a plain name" in response.json()["detail"]
+    response = server.infer("promptnucseg", {"size": [32, 32]}, output="dicom_seg")
+    assert response.status_code == 400 and "'output' dicom_seg" in response.json()["detail"]
+    assert sorted(p.name for p in server.root.iterdir()) == before
+    datastore = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=TIMEOUT).json()
+    assert set(datastore["objects"]) == {TILE, "mosaic"}
+
+
+def _uploads_left(server: Server) -> list[str]:
+    return sorted(p.name for p in server.tmp.glob("*.leakcheck.png"))
+
+
+def test_temporary_uploads_are_removed_on_every_path(server, tile):
+    """Success, client error (4xx) and server error (5xx: here the model file is gone) all leave the server's
+    temporary folder without the uploaded file (MONAI Label itself removes it only after a success)."""
+    upload = {"file": ("patch.leakcheck.png", _png(tile[:64, :64]), "image/png")}
+
+    def post(route: str, form: dict) -> int:
+        response = requests.post(f"{server.url}/infer/{route}", params={"output": "json"}, files=upload, data=form,
+                                 timeout=TIMEOUT)
+        return response.status_code
+
+    assert post("promptnucseg", {"params": json.dumps({"size": [32, 32]})}) == 200
+    assert post("promptnucseg", {"params": json.dumps({"location": [300, 0]})}) == 400
+    assert post("promptnucseg_click", {"params": json.dumps({"foreground": [[500, 5]]})}) == 400
+    assert post("promptnucseg", {"params": json.dumps({"logging": "loud"})}) == 400
+    assert post("wsi_v2/promptnucseg", {"wsi": json.dumps({"location": [300, 0], "size": [8, 8]})}) == 400
+    moved = server.model_path.with_name("model.away.pt")
+    server.model_path.rename(moved)
+    try:
+        assert post("promptnucseg", {"params": "{}"}) == 503
+        assert post("wsi_v2/promptnucseg", {"wsi": json.dumps({"location": [0, 0], "size": [0, 0]})}) == 503
+    finally:
+        moved.rename(server.model_path)
+    deadline = time.time() + 10  # the removal after a success runs after the answer
+    while _uploads_left(server) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _uploads_left(server) == []
+    _check_polygons(_annotation(server.infer("promptnucseg", {"size": [32, 32]})), (0, 0, 32, 32))
+
+
 def test_missing_model_file_is_named(tmp_path):
     from lib.errors import RequestError
     from lib.model import ModelStore
@@ -381,8 +529,8 @@ def test_conf_options_reach_the_pipeline(tmp_path):
     conf = {"model_path": str(tmp_path / "model.pt"), "prompter_tta": "True", "min_area": "5"}
     config = PromptNucSegConfig()
     config.init("promptnucseg", str(tmp_path), conf, None)
-    assert config.store.pipeline_kwargs == {"prompter_tta": True, "min_area": 5}
-    with pytest.raises(ValueError, match="--conf prompter_tta 'maybe': expected true or false"):
+    assert config.store.options == PipelineOptions(prompter_tta=True, min_area=5)
+    with pytest.raises(ValueError, match="--conf prompter_tta must be true or false"):
         PromptNucSegConfig().init("promptnucseg", str(tmp_path), {**conf, "prompter_tta": "maybe"}, None)
 
 
@@ -429,8 +577,7 @@ class _StubPrompter(torch.nn.Module):
 class _StubModel:
     """What :func:`lib.clicks.segment_clicks` uses of a PromptNucSeg, with a recorded ``segment`` call."""
 
-    prompter_tile_size = None
-    tile_overlap = 64
+    options = PipelineOptions(prompter_tile_size=None, tile_overlap=64)
 
     def __init__(self) -> None:
         self.prompter = _StubPrompter()

@@ -19,7 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import BUNDLE_ROOT, bundle_env
-from scripts.training.distributed import RankLogger, ResumeOnly, get_rank, get_world_size, rank_zero_handlers, shard
+from scripts.training.checkpoints import ResumeOnly
+from scripts.training.distributed import RankLogger, get_rank, get_world_size, rank_zero_handlers, shard
 from scripts.evaluation.handlers import NucleusDetectionMetric
 
 
@@ -46,6 +47,28 @@ def test_single_process_handlers_are_kept() -> None:
     out = rank_zero_handlers(handlers, "prompter")
     assert out[:2] == handlers and isinstance(out[2], RankLogger)
     assert get_rank() == 0 and get_world_size() == 1
+
+
+def test_other_ranks_keep_what_does_not_write(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """On a rank > 0: the checkpointer becomes its resume-only half, rank-0-only handlers and MONAI's writers go."""
+    from monai.handlers import StatsHandler
+
+    from scripts.training import distributed
+    from scripts.training.checkpoints import TrainingCheckpointer
+    from scripts.training.tracking_hook import StageTrackingHook
+
+    monkeypatch.setattr(distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    checkpointer = TrainingCheckpointer(str(tmp_path), {})
+    hook = StageTrackingHook([], "prompter")
+    other = object()
+    with caplog.at_level("INFO", logger="scripts.training.distributed"):
+        out = rank_zero_handlers([checkpointer, StatsHandler(), hook, other], "prompter")
+    assert isinstance(out[0], ResumeOnly) and out[0].checkpointer is checkpointer
+    assert out[1] is other and isinstance(out[2], RankLogger) and len(out) == 3
+    assert ("handlers left to rank 0: TrainingCheckpointer (resume only), StatsHandler, StageTrackingHook"
+            in caplog.text)
 
 
 def _free_port() -> int:
@@ -111,7 +134,7 @@ def test_torchrun_two_cpu_processes_train_both_stages(dataset: Path, tmp_path: P
            "--tracking", "mlflow",
            "--dataset_dir", str(dataset), "--output_dir", str(out), "--val_fraction", "0.25",
            "--max_epochs", "1", "--epoch_length", "2", "--patch_size", "64",
-           "--prompter#batch_size", "1", "--segmentor#batch_size", "1", "--segmentor#num_prompts_per_image", "4"]
+           "--prompter#hparams#batch_size", "1", "--segmentor#hparams#batch_size", "1", "--segmentor#hparams#num_prompts_per_image", "4"]
     env = bundle_env(threads=1)
     proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=600)

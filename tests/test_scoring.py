@@ -139,6 +139,21 @@ def test_write_metrics_is_atomic_json(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
 
 
+def test_evaluate_returns_the_metrics_it_wrote_and_keeps_the_first_predictions(dataset: Path, predictions: Path,
+                                                                               tmp_path: Path) -> None:
+    from scripts.evaluation.scoring import Scores, evaluate
+
+    items = list_items(dataset, "hovernet")
+    scores = evaluate(items, PredictionDir(predictions), CLASS_NAMES, tmp_path / "out", n_samples=2)
+    assert isinstance(scores, Scores) and isinstance(scores, dict)
+    assert scores.path == tmp_path / "out" / "metrics.json"
+    assert json.loads(scores.path.read_text()) == _json_safe(scores)
+    assert [s.record.name for s in scores.samples] == ["a", "b"]
+    inst, types = PredictionDir(predictions).predict(scores.samples[1].record)
+    assert np.array_equal(scores.samples[1].inst_map, inst) and np.array_equal(scores.samples[1].type_map, types)
+    assert evaluate(items, PredictionDir(predictions), CLASS_NAMES, tmp_path / "out").samples == []
+
+
 class GroundTruthFiles:
     """A prediction source for the self-scoring tests: the ground truth itself."""
 

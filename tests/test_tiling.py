@@ -92,9 +92,7 @@ def record():
 
 def untiled(network: PromptNucSeg) -> PromptNucSeg:
     """The same pipeline with the segmentor's encoder run on the whole image in one pass."""
-    return PromptNucSeg(network.prompter, network.segmentor, num_neg=network.num_neg, tile_overlap=network.tile_overlap,
-                        prompter_tile_size=network.prompter_tile_size, min_area=network.min_area,
-                        whole_image_encoder=True)
+    return PromptNucSeg(network.prompter, network.segmentor, network.options, whole_image_encoder=True)
 
 
 @pytest.mark.parametrize("tile_size", [128, 256])
@@ -125,11 +123,9 @@ def maps(network, record) -> dict:
     """Prompts of the whole image; instance maps with the encoder untiled and tiled (same prompts), and of the
     fully tiled pipeline (prompter on 256 px tiles too)."""
     image = image_tensor(record.image)
-    whole = PromptNucSeg(network.prompter, network.segmentor, num_neg=network.num_neg,
-                         tile_overlap=network.tile_overlap, prompter_tile_size=None)
-    fully_tiled = PromptNucSeg(network.prompter, network.segmentor, num_neg=network.num_neg,
-                               tile_overlap=network.tile_overlap, prompter_tile_size=256,
-                               encoder_tile_size=network.encoder_tile_size)
+    whole = PromptNucSeg(network.prompter, network.segmentor, network.options, prompter_tile_size=None,
+                         encoder_tile_size=None)
+    fully_tiled = PromptNucSeg(network.prompter, network.segmentor, network.options, prompter_tile_size=256)
     with torch.no_grad():
         prompts = whole.find_prompts(image)
         tiled_prompts = fully_tiled.find_prompts(image)

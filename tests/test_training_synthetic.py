@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_bundle
-from scripts.training.checkpoints import load_checkpoint
+from scripts.io.checkpoints import load_checkpoint
 from scripts.pipeline.model_file import export_model
 from scripts.evaluation.detection import detection_counts
 from scripts.data.points import instance_points
@@ -55,7 +55,7 @@ def test_prompter_detection_f1_rises_on_heldout(synthetic_training, synthetic_di
 
 def _untrained_model(run_dir, path):
     """A model file with the trained model's architecture and freshly initialised weights."""
-    from scripts.training.checkpoints import atomic_torch_save
+    from scripts.io.atomic import atomic_torch_save
 
     torch.manual_seed(0)
     p_ckpt = load_checkpoint(run_dir / "prompter" / "best.pt")

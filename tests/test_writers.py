@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -15,7 +16,16 @@ from skimage.color import rgb2hed
 
 from scripts.io.measurements import TABLE_COLUMNS, instance_polygons, nucleus_table
 from scripts.data.records import load_class_table
-from scripts.io.writers import CSVWriter, GeoJSONWriter, write_csv, write_geojson, write_label_maps, write_overlay
+from scripts.io.atomic import atomic_open, atomic_path
+from scripts.io.writers import (
+    CSVWriter,
+    GeoJSONWriter,
+    overlay_image,
+    write_csv,
+    write_geojson,
+    write_label_maps,
+    write_overlay,
+)
 
 CLASS_TABLE = load_class_table()
 
@@ -186,5 +196,50 @@ def test_overlay_colours_and_thumbnail(tmp_path, scene):
     thumb = np.asarray(Image.open(write_overlay(tmp_path / "s.png", image, inst, classes, CLASS_TABLE, max_size=50)))
     assert thumb.shape == (40, 50, 3)
     assert (thumb.reshape(-1, 3) == CLASS_TABLE[3]["color"]).all(axis=1).any()
-    with pytest.raises(ValueError, match="class ids"):
+    with pytest.raises(ValueError, match="bad.png: class ids"):
         write_overlay(tmp_path / "bad.png", image, inst, {3: 7}, CLASS_TABLE)
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_overlay_image_is_the_png_drawn_in_memory(tmp_path, scene):
+    inst, image = scene
+    drawn = overlay_image(image, inst, {3: 2, 12: 3}, CLASS_TABLE)
+    assert drawn.dtype == np.uint8 and drawn.shape == image.shape and drawn is not image
+    written = np.asarray(Image.open(write_overlay(tmp_path / "o.png", image, inst, {3: 2, 12: 3}, CLASS_TABLE)))
+    assert np.array_equal(drawn, written)
+    assert overlay_image(image, inst, None, CLASS_TABLE, max_size=50).shape == (40, 50, 3)
+    with pytest.raises(ValueError, match="RGB uint8"):
+        overlay_image(image.astype(np.float32), inst, None, CLASS_TABLE)
+
+
+def test_atomic_writes_replace_whole_files_or_nothing(tmp_path):
+    target = tmp_path / "sub" / "a.json"
+    with atomic_open(target, "w", fsync=True) as f:
+        f.write("old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(target, "w") as f:
+            f.write("half")
+            raise RuntimeError("writer failed")
+    assert target.read_text() == "old" and [p.name for p in target.parent.iterdir()] == ["a.json"]
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.suffix == ".json" and tmp != target
+        tmp.write_text("new")
+        assert target.read_text() == "old"  # replaced only when the block ends
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_a_model_without_classes_writes_every_nucleus_unclassified(tmp_path):
+    """An untyped model's class table is empty: its class ids (all 1) are no class, not the bundle's "Other"."""
+    from scripts.io.measurements import instance_polygons, nucleus_table
+    from scripts.io.writers import write_geojson
+
+    inst = np.zeros((20, 20), np.int32)
+    inst[2:8, 2:8], inst[10:16, 10:16] = 1, 2
+    table = nucleus_table(inst, classes={1: 1, 2: 1}, class_table={})
+    assert [row["class"] for row in table] == [0, 0] and [row["class_name"] for row in table] == [None, None]
+    features = json.loads(write_geojson(tmp_path / "a.geojson", instance_polygons(inst), table, {}).read_text())
+    assert all("classification" not in f["properties"] for f in features["features"])
+    with pytest.raises(ValueError, match="class 1 is not in the class table"):
+        nucleus_table(inst, classes={1: 1, 2: 1}, class_table={2: {"name": "x", "color": [1, 2, 3]}})

@@ -20,7 +20,7 @@ START=$(date +%s)
 timeout 150 python3 -m monai.bundle run training \
   --config_file "['configs/train.json','configs/train_default.json','configs/train_default_s4.json','configs/train_default_prompter_r18.json']" \
   --dataset_dir "['$DATA/consep_train']" --output_dir /tmp/gpu_train --stage both --max_epochs 2 \
-  --segmentor#max_epochs 2 --segmentor#init_checkpoint '$None' --epoch_length 25 --val_interval 1 > "$OUT/train.log" 2>&1
+  --segmentor#hparams#max_epochs 2 --segmentor#hparams#init_checkpoint '$None' --epoch_length 25 --val_interval 1 > "$OUT/train.log" 2>&1
 echo "training exit $? after $(( $(date +%s) - START )) s"
 grep -E "Epoch\[[0-9]+\] Metrics|Iter: (1|25)/25|Error" "$OUT/train.log" | cut -c1-220 | tail -16
 cd ..

@@ -22,6 +22,10 @@
 #   cd bundle && python -c "from scripts.pipeline.model_file import export_model; export_model(
 #       'runs/default/prompter_r18_aug/best.pt', 'runs/default/segmentor_s4/best.pt', 'models/model.pt',
 #       storage='int8')"
+# `tools/train_default.sh prompter_all`: the 0.5.0 prompter (read from models/model.pt into
+# runs/default/prompter_050.pt) fine-tuned on all of ../shared/data (CoNSeP, the 13 + 17 MoNuSeg training images;
+# each folder split 80/20 on its own, seed 0, so 0.5.0's validation images stay held out) for 16 epochs (lr x0.1 at 12) with the
+# rare "Other" class weighted 3 (configs/train_default_prompter_all.json) into runs/default/prompter_all.
 # THREADS=2 tools/train_default.sh STAGE: torch threads per process (default 1; 2 when one stage runs alone).
 set -euo pipefail
 cd "$(dirname "$0")/../bundle"
@@ -45,6 +49,11 @@ case "${1:-}" in
     launch segmentor segmentor ;;
   s8 | s4) launch segmentor "segmentor_$1" "$1" ;;  # segmentor stage 2 (8 px tokens) or 3 (4 px tokens)
   prompter_ft | prompter_r18 | prompter_r18_aug) launch prompter "$1" "$1" ;;  # prompter variants (see above)
-  *) echo "train_default.sh: unknown stage '$1' (none, s8, s4, prompter_ft, prompter_r18 or prompter_r18_aug)" >&2
+  prompter_all)
+    [ -f runs/default/prompter_050.pt ] || "$PY" -c "import torch; from scripts.pipeline.model_file import \
+read_model_file, part_state_dict; m = read_model_file('models/model.pt'); torch.save({'network': \
+part_state_dict(m, 'prompter')}, 'runs/default/prompter_050.pt')"
+    launch prompter "$1" "$1" ;;
+  *) echo "train_default.sh: unknown stage '$1' (none, s8, s4, prompter_ft, prompter_r18, prompter_r18_aug or prompter_all)" >&2
      exit 2 ;;
 esac

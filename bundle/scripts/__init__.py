@@ -1,1 +1,5 @@
-"""Custom MONAI components of the PromptNucSeg bundle, imported as ``scripts.*`` from the bundle configs."""
+"""PromptNucSeg bundle code, imported as ``scripts.*`` from ``bundle/`` (the MONAI model-zoo convention)."""
+
+from scripts.errors import install_for_bundle_cli
+
+install_for_bundle_cli()

@@ -13,7 +13,7 @@ failures are listed at the end and :func:`run_inference` raises :class:`Inferenc
 
 from __future__ import annotations
 
-from monai.apps.utils import get_logger
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +23,22 @@ import numpy as np
 import shapely.affinity
 import tifffile
 import torch
+from monai.apps.utils import get_logger
 from tqdm import tqdm
 
 from scripts.io.measurements import instance_polygons, nucleus_table
+from scripts.parse import as_bool
+from scripts.pipeline.options import SlideOptions
 from scripts.pipeline.promptnucseg import PromptNucSeg
 from scripts.pipeline.tiling import tile_grid
 from scripts.data.readers.common import read_image
-from scripts.data.records import load_class_table
 from scripts.io.writers import CSVWriter, GeoJSONWriter, write_csv, write_geojson, write_label_maps, write_overlay
 
 logger = get_logger("scripts.inference")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".ndpi")
 SLIDE_SUFFIXES = (".svs", ".ndpi")
+OUTPUT_SUFFIXES = ("_inst.tif", "_type.tif", "_overlay.png")  # this bundle's image outputs (see the docstring)
 
 
 class InferenceFailures(RuntimeError):
@@ -48,33 +51,22 @@ class InferenceFailures(RuntimeError):
 
 
 @dataclass
-class SlideOptions:
-    """Whole-slide settings: the level read (by ``mpp`` µm/px or ``level``; a slide coarser than ``mpp`` is read at
-    level 0 and its tiles enlarged to ``mpp`` for the model: 0.25 for the default 40x model), tile size/overlap in that level's
-    px (an overlap of twice the segmentor's half window keeps every nucleus centred in its decoding window), the
-    tissue mask threshold, the reader backend, and the longest side of the overlay thumbnail (px)."""
-
-    mpp: float | None = None
-    level: int | None = None
-    tile_size: int = 2048
-    tile_overlap: int = 256
-    min_tissue_fraction: float = 0.05
-    backend: str = "tifffile"
-    thumbnail_size: int = 2048
-    min_slide_side: int = 8192
-
-
-@dataclass
 class InferenceSummary:
     """What a run produced: ``outputs[input] = {kind: path}``, nuclei per input, seconds per input."""
 
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     nuclei: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # inputs whose outputs were already complete
 
 
 def list_inputs(input_dir: str | None = None, input_file: str | None = None) -> list[Path]:
-    """The files to process: ``input_file``, or every image of ``input_dir`` (sorted), never both."""
+    """The files to process: ``input_file``, or every image of ``input_dir`` (sorted), never both.
+
+    Files of ``input_dir`` that are this bundle's outputs of another input there (``<stem>_inst.tif``,
+    ``<stem>_type.tif``, ``<stem>_overlay.png`` beside ``<stem>.<ext>``: a rerun into the input folder) are not
+    inputs. Inputs whose stems collide (``a.png`` and ``a.jpg``) would write the same outputs: an error naming them.
+    """
     if bool(input_dir) == bool(input_file):
         raise ValueError("give exactly one of --input_dir or --input_file")
     if input_file:
@@ -86,9 +78,38 @@ def list_inputs(input_dir: str | None = None, input_file: str | None = None) -> 
     if not folder.is_dir():
         raise FileNotFoundError(f"input_dir not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    stems = {p.stem for p in files}
+    outputs = [p for p in files if any(p.name.endswith(s) and p.name[: -len(s)] in stems for s in OUTPUT_SUFFIXES)]
+    if outputs:
+        logger.info("input_dir %s: %d file(s) are this bundle's outputs of its images, not inputs (%s%s)", folder,
+                    len(outputs), ", ".join(p.name for p in outputs[:3]), ", ..." if len(outputs) > 3 else "")
+    files = [p for p in files if p not in outputs]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in input_dir {folder}")
+    _check_unique_stems(files)
     return files
+
+
+def _check_unique_stems(files: list[Path]) -> None:
+    """Refuse inputs whose stems are equal (ignoring case): their outputs ``<stem>.*`` would overwrite each other."""
+    by_stem: dict[str, list[str]] = {}
+    for path in files:
+        by_stem.setdefault(path.stem.lower(), []).append(path.name)
+    clashes = [names for names in by_stem.values() if len(names) > 1]
+    if clashes:
+        listed = "; ".join(", ".join(names) for names in clashes)
+        raise ValueError(f"inputs with the same stem would write the same outputs: {listed} (rename or move them)")
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a probe file in it, before any work; the error names the folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_probe_"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"output_dir {folder} is not writable ({type(error).__name__}: "
+                              f"{error.strerror or error})") from error
 
 
 def is_whole_slide(path: Path, min_side: int = 8192) -> bool:
@@ -115,6 +136,7 @@ def run_inference(
     slide_options: SlideOptions | None = None,
     save_label_maps: bool = True,
     shard: Any = None,
+    overwrite: bool = False,
 ) -> InferenceSummary:
     """Segment every input and write its outputs; raise :class:`InferenceFailures` listing the files that failed.
 
@@ -122,20 +144,26 @@ def run_inference(
         network: the pipeline (eval mode).
         output_dir: folder of the outputs (created).
         input_dir, input_file: what to process (exactly one).
-        class_table: ``{class_id: {"name", "color"}}``; default the bundle's ``metadata.json``.
+        class_table: ``{class_id: {"name", "color"}}``; default the network's own (its model file's).
         slide_options: whole-slide settings.
         save_label_maps: write ``_inst.tif``/``_type.tif`` for images.
         shard: optional callable ``list -> list`` selecting this process's inputs (distributed inference).
+        overwrite: redo inputs whose outputs are all in ``output_dir`` already; False skips them (a rerun after a
+            kill, or into the same folder, does only what is missing: every output is written atomically, and the
+            overlay last).
     """
     files = list_inputs(input_dir, input_file)
     if shard is not None:
         files = shard(files)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    class_table = class_table or load_class_table()
+    check_writable(out)
+    class_table = network.class_table if class_table is None else class_table
     slide_options = slide_options or SlideOptions()
     summary, failures = InferenceSummary(), {}
     for path in files:
+        if not overwrite and outputs_complete(path, out, save_label_maps, slide_options.min_slide_side):
+            summary.skipped.append(str(path))
+            continue
         start = time.perf_counter()
         try:
             if is_whole_slide(path, slide_options.min_slide_side):
@@ -153,6 +181,21 @@ def run_inference(
     if failures:
         raise InferenceFailures(failures)
     return summary
+
+
+def expected_outputs(path: Path, output_dir: Path, save_label_maps: bool = True, min_slide_side: int = 8192
+                     ) -> list[Path]:
+    """The files :func:`run_inference` writes for the input ``path``."""
+    if is_whole_slide(path, min_slide_side):
+        suffixes = (".geojson", ".csv", "_overlay.png")
+    else:
+        suffixes = (("_inst.tif", "_type.tif") if save_label_maps else ()) + (".geojson", ".csv", "_overlay.png")
+    return [output_dir / f"{path.stem}{suffix}" for suffix in suffixes]
+
+
+def outputs_complete(path: Path, output_dir: Path, save_label_maps: bool = True, min_slide_side: int = 8192) -> bool:
+    """Whether every output of ``path`` is in ``output_dir`` (each is written atomically: present means whole)."""
+    return all(p.is_file() for p in expected_outputs(path, output_dir, save_label_maps, min_slide_side))
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -298,15 +341,22 @@ def _fit(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return image[np.ix_(rows, cols)]
 
 
-def main_inference(network: PromptNucSeg, output_dir: str, input_dir: str | None, input_file: str | None,
-                   slide_options: SlideOptions, save_label_maps: bool = True, shard: Any = None,
-                   metadata_file: str | None = None) -> InferenceSummary:
-    """Bundle entry point (``inference`` run id): run, log a summary, re-raise failures after the others ran."""
-    class_table = load_class_table(metadata_file) if metadata_file else load_class_table()
-    summary = run_inference(network, output_dir, input_dir, input_file, class_table, slide_options,
-                            save_label_maps, shard)
+def main_inference(network: PromptNucSeg, output_dir: str, input_dir: str | None = None, input_file: str | None = None,
+                   slide_options: SlideOptions | None = None, save_label_maps: bool = True,
+                   shard: Any = None, overwrite: bool = False) -> InferenceSummary:
+    """Bundle entry point (``inference`` run id): run, log a summary, re-raise failures after the others ran.
+
+    Classes are named and coloured by the network's own class table (its model file's). ``shard`` (a callable
+    ``list -> list``) picks this process's inputs (``configs/multi_gpu_inference.json``).
+    """
+    summary = run_inference(network, output_dir, input_dir=input_dir, input_file=input_file,
+                            slide_options=slide_options, save_label_maps=as_bool(save_label_maps, "save_label_maps"),
+                            shard=shard, overwrite=as_bool(overwrite, "overwrite"))
     total = sum(summary.nuclei.values())
     seconds = sum(summary.seconds.values())
+    if summary.skipped:
+        logger.info("%d input(s) skipped: their outputs are complete in %s (--overwrite true redoes them)",
+                    len(summary.skipped), output_dir)
     logger.info("inference done: %d input(s), %d nuclei, %.1f s -> %s", len(summary.nuclei), total, seconds,
                 output_dir)
     return summary

@@ -65,8 +65,8 @@ def probe_clicks(model: PromptNucSeg, image: torch.Tensor, clicks: torch.Tensor
     height, width = image.shape[-2:]
     n = len(clicks)
     probability, classes, scores = torch.zeros(n), torch.ones(n, dtype=torch.long), torch.zeros(n)
-    size = model.prompter_tile_size or max(height, width)
-    overlap = min(model.tile_overlap, size // 2) if size < max(height, width) else 0
+    size = model.options.prompter_tile_size or max(height, width)
+    overlap = min(model.options.tile_overlap, size // 2) if size < max(height, width) else 0
     device = next(model.prompter.parameters()).device
     for tile in tile_grid(height, width, size, overlap):
         mine = torch.nonzero(tile.core_holds(clicks)).flatten()

@@ -55,16 +55,16 @@ def build_parser(dataset_dir: Path, work_dir: Path, max_epochs: int, device: str
         names = list(p_cfg.get("class_names") or [])
         if names:
             parser["class_names"] = _expr({i + 1: str(n) for i, n in enumerate(names)})
-        parser["prompter#backbone"] = p_cfg["backbone"]
-        parser["prompter#levels"] = list(p_cfg["levels"])
-        parser["prompter#anchor_step"] = int(p_cfg["anchor_step"])
+        parser["prompter#hparams#backbone"] = p_cfg["backbone"]
+        parser["prompter#hparams#levels"] = list(p_cfg["levels"])
+        parser["prompter#hparams#anchor_step"] = int(p_cfg["anchor_step"])
         for key in ("fpn_channels", "mlp_hidden"):  # head widths of the model being fine-tuned
             if key in p_cfg:
-                parser[f"prompter#{key}"] = int(p_cfg[key])
-        parser["prompter#pretrained"] = None
-        parser["segmentor#sam_variant"] = s_cfg["variant"]
-        parser["segmentor#sam_checkpoint"] = None
-        parser["segmentor#overrides"] = _expr(dict(s_cfg.get("overrides") or {}))
+                parser[f"prompter#hparams#{key}"] = int(p_cfg[key])
+        parser["prompter#hparams#pretrained"] = None
+        parser["segmentor#hparams#sam_variant"] = s_cfg["variant"]
+        parser["segmentor#hparams#sam_checkpoint"] = None
+        parser["segmentor#hparams#overrides"] = _expr(dict(s_cfg.get("overrides") or {}))
         parser["patch_size"] = int(s_cfg["image_size"])
     return parser
 

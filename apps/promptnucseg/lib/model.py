@@ -8,9 +8,9 @@ import threading
 from pathlib import Path
 
 from lib.errors import RequestError
-from scripts.pipeline.model_file import load_model, model_class_names
+from scripts.pipeline.model_file import load_model, model_class_table, read_model_file
+from scripts.pipeline.options import PipelineOptions
 from scripts.pipeline.promptnucseg import PromptNucSeg
-from scripts.data.records import load_class_table
 
 logger = logging.getLogger(__name__)
 
@@ -20,14 +20,14 @@ class ModelStore:
 
     Args:
         path: the model file (``scripts.pipeline.model_file`` format).
-        pipeline_kwargs: inference options of :class:`PromptNucSeg` (``nms_radius``, ``min_area``...).
+        options: the pipeline's options (``--conf`` values; the bundle's defaults when None).
     """
 
-    def __init__(self, path: str | os.PathLike, **pipeline_kwargs) -> None:
+    def __init__(self, path: str | os.PathLike, options: PipelineOptions | None = None) -> None:
         self.path = Path(path)
-        self.pipeline_kwargs = pipeline_kwargs
+        self.options = options or PipelineOptions()
         self._models: dict[str, tuple[PromptNucSeg, float]] = {}
-        self._names: tuple[dict[int, str], float] | None = None
+        self._table: tuple[dict[int, dict], float | None] | None = None
         self._lock = threading.Lock()
 
     def missing_message(self) -> str:
@@ -45,35 +45,33 @@ class ModelStore:
                 return cached[0]
             logger.info("loading model %s on %s", self.path, device)
             try:
-                model = load_model(self.path, device, **self.pipeline_kwargs)
+                model = load_model(self.path, device, self.options)
             except (ValueError, KeyError, RuntimeError) as error:
                 raise RequestError(f"model file {self.path} cannot be loaded: {error}", status_code=503) from error
             self._models[device] = (model, mtime)
             return model
 
-    def class_names(self) -> dict[int, str]:
-        """Class id -> name: the names stored with the model when it has them, else the bundle's class table.
-
-        Read again when the file changes (a fine-tuned model may bring other classes).
-        """
+    def class_table(self) -> dict[int, dict]:
+        """Class id -> ``{"name", "color"}``: the table of the model file (read again when the file changes: a
+        fine-tuned model may bring other classes); empty when the file is missing or unreadable."""
         mtime = self.path.stat().st_mtime if self.path.is_file() else None
         with self._lock:
-            if self._names is not None and self._names[1] == mtime:
-                return self._names[0]
-        names: list[str] = []
+            if self._table is not None and self._table[1] == mtime:
+                return self._table[0]
+        table: dict[int, dict] = {}
         if mtime is not None:
             try:
-                names = model_class_names(self.path)
-            except Exception as error:  # the infer call reports an unloadable file; here only the names matter
-                logger.error("cannot read class names from %s: %s", self.path, error)
-        table = {k: v["name"] for k, v in load_class_table().items()}
-        result = {i + 1: str(name) for i, name in enumerate(names)} if names else table
+                table = model_class_table(read_model_file(self.path))
+            except Exception as error:  # the infer call reports an unloadable file; here only the table matters
+                logger.error("cannot read the class table of %s: %s", self.path, error)
         with self._lock:
-            self._names = (result, mtime)
-        return result
+            self._table = (table, mtime)
+        return table
 
+    def class_names(self) -> dict[int, str]:
+        """Class id -> name, from :meth:`class_table`."""
+        return {class_id: entry["name"] for class_id, entry in self.class_table().items()}
 
-def class_colors(names: dict[int, str]) -> dict[str, list[int]]:
-    """Label name -> [r, g, b]: the bundle class table's colour for its names, grey for others."""
-    table = {v["name"]: list(v["color"]) for v in load_class_table().values()}
-    return {name: table.get(name, [128, 128, 128]) for name in names.values()}
+    def class_colors(self) -> dict[str, list[int]]:
+        """Label name -> [r, g, b], from :meth:`class_table`."""
+        return {entry["name"]: list(entry["color"]) for entry in self.class_table().values()}

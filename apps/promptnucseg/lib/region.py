@@ -12,6 +12,7 @@ Coordinates: (x, y) = (col, row) in level-0 pixels; arrays are (row, col).
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +52,17 @@ class Region:
 
 
 def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+    """A finite JSON number as float; a RequestError naming ``what`` otherwise (also for integers too large for a
+    float, which ``np.isfinite`` cannot even take)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise RequestError(f"{what} must be a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise RequestError(f"{what} must be a finite number, got {str(value)[:40]}")
+    return number
 
 
 def parse_pair(value, name: str, default: tuple[int, int]) -> tuple[int, int]:

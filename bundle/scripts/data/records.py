@@ -1,4 +1,8 @@
-"""The one record every dataset reader returns, and the bundle's class table.
+"""The one record every dataset reader returns, and class tables.
+
+A class table is ``{class_id: {"name": str, "color": [r, g, b]}}`` with ids from 1 (0 is background). A model
+carries its own (:mod:`scripts.pipeline.model_file`); ``configs/metadata.json`` documents the shipped model's, which
+is also the default for datasets whose files name no classes.
 
 Coordinates: arrays are indexed (row, col); every point this bundle stores is (x, y) = (col, row) in pixels
 unless a name says otherwise.
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Callable
 
 import numpy as np
@@ -65,3 +70,20 @@ def load_class_table(metadata_path: str | Path = METADATA_PATH) -> dict[int, dic
     with open(metadata_path) as f:
         table = json.load(f)["class_table"]
     return {int(k): {"name": v["name"], "color": list(v["color"])} for k, v in table.items()}
+
+
+# Distinct colours for the classes of a new table (the bundle table's colour wins for a name it knows).
+PALETTE = ((255, 165, 0), (255, 0, 0), (0, 200, 0), (0, 120, 255), (160, 32, 240), (0, 200, 200), (255, 0, 255),
+           (128, 64, 0), (255, 215, 0), (0, 0, 139), (128, 128, 0), (255, 105, 180))
+
+
+def class_table_from_names(names: Sequence[str], known: Mapping[int, Mapping] | None = None) -> dict[int, dict]:
+    """A class table for classes 1..len(names): each name with the colour ``known`` (default: the bundle's table)
+    gives that name, else the next unused colour of :data:`PALETTE`."""
+    known_colors = {entry["name"]: list(entry["color"]) for entry in (load_class_table() if known is None
+                                                                        else known).values()}
+    spare = [list(c) for c in PALETTE if list(c) not in known_colors.values()] + [list(c) for c in PALETTE]
+    table = {}
+    for class_id, name in enumerate(map(str, names), start=1):
+        table[class_id] = {"name": name, "color": known_colors[name] if name in known_colors else spare.pop(0)}
+    return table

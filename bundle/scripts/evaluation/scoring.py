@@ -14,11 +14,9 @@ import fnmatch
 import functools
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Iterable, Mapping, NamedTuple, Protocol
 
 import numpy as np
 import scipy.io
@@ -28,6 +26,7 @@ from skimage.transform import resize
 from scripts.evaluation.handlers import NucleusMetric
 from scripts.data.readers.common import as_label_map, read_label_map
 from scripts.data.records import DatasetItem, NucleusRecord
+from scripts.io.atomic import atomic_open
 
 logger = get_logger("scripts.evaluation.scoring")
 
@@ -39,6 +38,8 @@ __all__ = [
     "read_prediction_mat",
     "list_dataset",
     "score_dataset",
+    "ScoredSample",
+    "Scores",
     "write_metrics",
     "log_summary",
     "evaluate",
@@ -193,10 +194,29 @@ def _rescaled(loader: Callable[[], NucleusRecord], scale: float) -> NucleusRecor
     shape = tuple(max(1, round(n * scale)) for n in record.inst_map.shape)
     image = resize(record.image, shape, order=1, anti_aliasing=scale < 1, preserve_range=True)
     labels = {
-        key: None if value is None else resize(value, shape, order=0, anti_aliasing=False, preserve_range=True).astype(value.dtype)
+        key: None if value is None
+        else resize(value, shape, order=0, anti_aliasing=False, preserve_range=True).astype(value.dtype)
         for key, value in (("inst_map", record.inst_map), ("type_map", record.type_map))
     }
     return dataclasses.replace(record, image=np.clip(np.rint(image), 0, 255).astype(np.uint8), **labels)
+
+
+class ScoredSample(NamedTuple):
+    """One scored image kept with its prediction: the record and the predicted int maps (H, W)."""
+
+    record: NucleusRecord
+    inst_map: np.ndarray
+    type_map: np.ndarray | None
+
+
+class Scores(dict):
+    """The metrics dictionary :func:`evaluate` computed, with ``path`` (the ``metrics.json`` it wrote) and
+    ``samples`` (the first scored images with their predictions, :class:`ScoredSample`, for overlays)."""
+
+    def __init__(self, metrics: Mapping, path: Path | None = None, samples: Sequence[ScoredSample] = ()) -> None:
+        super().__init__(metrics)
+        self.path = path
+        self.samples = list(samples)
 
 
 def score_dataset(
@@ -215,8 +235,21 @@ def score_dataset(
         det_radius: centroid pairing radius in pixels.
         match_iou: PQ pairing threshold.
     """
+    return _score(items, predictions, class_names, det_radius, match_iou)[0]
+
+
+def _score(
+    items: Iterable[DatasetItem | NucleusRecord],
+    predictions: PredictionSource,
+    class_names: Mapping[int, str] | None,
+    det_radius: float,
+    match_iou: float,
+    n_samples: int = 0,
+) -> tuple[dict, list[ScoredSample]]:
+    """:func:`score_dataset`, also returning the first ``n_samples`` records with their predictions."""
     metric = NucleusMetric(class_names, det_radius, match_iou)
     untyped: list[str] = []
+    samples: list[ScoredSample] = []
     for item in items:
         record = item.load() if isinstance(item, DatasetItem) else item
         if class_names and record.type_map is None:
@@ -226,13 +259,16 @@ def score_dataset(
             untyped.append(record.name)
         tissue = record.tissue if record.tissue is not None else getattr(item, "tissue", None)
         metric.update(record.inst_map, inst_map, record.type_map, type_map, name=record.name, tissue=tissue)
+        if len(samples) < n_samples:
+            kept_types = None if type_map is None else np.asarray(type_map)
+            samples.append(ScoredSample(record, np.asarray(inst_map), kept_types))
     if len(metric) == 0:
         raise ValueError("no images to score")
     if untyped:
         logger.warning(
             f"{len(untyped)} predictions have no class map (e.g. {untyped[0]}): their nuclei count as unclassified"
         )
-    return metric.aggregate()
+    return metric.aggregate(), samples
 
 
 def _json_safe(value: Any) -> Any:
@@ -251,19 +287,11 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_metrics(metrics: Mapping, output_dir: str | Path) -> Path:
-    """Write ``<output_dir>/metrics.json`` atomically (temporary file + ``os.replace``); returns its path."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / METRICS_FILE
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=f".{METRICS_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(metrics), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``<output_dir>/metrics.json`` atomically (:func:`scripts.io.atomic.atomic_open`); returns its path."""
+    path = Path(output_dir) / METRICS_FILE
+    with atomic_open(path, "w", suffix=".tmp") as f:
+        json.dump(_json_safe(metrics), f, indent=2, allow_nan=False)
+        f.write("\n")
     return path
 
 
@@ -289,10 +317,13 @@ def evaluate(
     output_dir: str | Path,
     det_radius: float = 12.0,
     match_iou: float = 0.5,
-) -> dict:
-    """Score, write ``metrics.json`` in ``output_dir``, log a summary; returns the metrics."""
-    metrics = score_dataset(items, predictions, class_names, det_radius, match_iou)
+    n_samples: int = 0,
+) -> Scores:
+    """Score, write ``metrics.json`` in ``output_dir``, log a summary; returns the metrics (:class:`Scores`: a dict
+    that also holds the ``metrics.json`` path and the first ``n_samples`` records with their predictions, so that
+    :func:`scripts.training.evaluation_tracking.log_evaluation` logs overlays without predicting again)."""
+    metrics, samples = _score(items, predictions, class_names, det_radius, match_iou, n_samples)
     path = write_metrics(metrics, output_dir)
     log_summary(metrics)
     logger.info(f"wrote {path}")
-    return metrics
+    return Scores(metrics, path, samples)

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from scripts.inference import image_tensor, write_image_outputs
+from scripts.pipeline.options import PipelineOptions
 from scripts.pipeline.promptnucseg import PromptNucSeg
 from scripts.data.points import instance_points
-from scripts.data.records import NucleusRecord, load_class_table
+from scripts.data.records import NucleusRecord
 from scripts.evaluation.scoring import PredictionDir
 
 PROMPT_MODES = ("prompter", "oracle")
@@ -30,6 +31,8 @@ class PipelinePredictions:
         network: the pipeline.
         prompts: ``"prompter"`` or ``"oracle"``.
         save_dir: when set, the per-image outputs (label maps, GeoJSON, CSV, overlay) are written there.
+
+    ``class_table`` is the network's own (its model file's).
     """
 
     def __init__(self, network: PromptNucSeg, prompts: str = "prompter", save_dir: str | None = None) -> None:
@@ -38,7 +41,7 @@ class PipelinePredictions:
         self.network = network
         self.prompts = prompts
         self.save_dir = Path(save_dir) if save_dir else None
-        self.class_table = load_class_table()
+        self.class_table = network.class_table
 
     def predict(self, record: NucleusRecord) -> tuple[np.ndarray, np.ndarray]:
         given = oracle_prompts(record) if self.prompts == "oracle" else None
@@ -57,10 +60,11 @@ def oracle_prompts(record: NucleusRecord) -> dict[str, torch.Tensor]:
 
 
 def make_prediction_source(pred_dir: str | None, prompts: str, model_path: str, device: Any = "cpu",
-                           save_dir: str | None = None, pipeline_kwargs: dict | None = None,
+                           save_dir: str | None = None, options: PipelineOptions | None = None,
                            method: str = "promptnucseg") -> Any:
     """Saved predictions when ``pred_dir`` is given; else ``method``: ``promptnucseg``, the model loaded from
-    ``model_path`` (only then), or ``watershed``, the training-free baseline (:mod:`scripts.evaluation.baseline`)."""
+    ``model_path`` (only then) and run with ``options``, or ``watershed``, the training-free baseline
+    (:mod:`scripts.evaluation.baseline`)."""
     if pred_dir:
         return PredictionDir(pred_dir)
     if method == "watershed":
@@ -71,5 +75,5 @@ def make_prediction_source(pred_dir: str | None, prompts: str, model_path: str, 
         raise ValueError(f"method must be 'promptnucseg' or 'watershed', got {method!r}")
     from scripts.pipeline.model_file import load_model
 
-    network = load_model(model_path, device=device, **(pipeline_kwargs or {}))
+    network = load_model(model_path, device=device, options=options)
     return PipelinePredictions(network, prompts=prompts, save_dir=save_dir)

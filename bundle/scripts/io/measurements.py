@@ -75,7 +75,8 @@ def nucleus_table(
         class_scores: nucleus id -> classification score; missing -> NaN.
         iou_preds: nucleus id -> mask IoU predicted by the segmentor; missing -> NaN.
         offset_xy: (x, y) in pixels added to the centroids (level-0 position of the tile for whole slides).
-        class_table: ``{class_id: {"name", "color"}}``; defaults to ``load_class_table()``.
+        class_table: ``{class_id: {"name", "color"}}``; defaults to ``load_class_table()``. An empty table (a model
+            trained without classes) leaves every nucleus unclassified; otherwise a class it lacks is an error.
 
     Returns:
         rows with ``centroid_x`` = col + offset_x and ``centroid_y`` = row + offset_y (pixel centres at integer
@@ -99,7 +100,7 @@ def nucleus_table(
     rows = []
     for i in range(n):
         nid = int(t["label"][i])
-        cls = int(classes.get(nid, UNCLASSIFIED))
+        cls = int(classes.get(nid, UNCLASSIFIED)) if class_table else UNCLASSIFIED
         if cls != UNCLASSIFIED and cls not in class_table:
             raise ValueError(f"nucleus {nid}: class {cls} is not in the class table (ids {sorted(class_table)})")
         rows.append(

@@ -1,7 +1,8 @@
 """Output files for one image (``<stem>``) in an output folder: label maps, GeoJSON, CSV and an overlay PNG.
 
-Every file is written atomically: to a temporary file in the same folder, then ``os.replace``d, so a reader never
-sees a half-written file (a failed streaming writer leaves no file at all).
+Every file is written atomically (:mod:`scripts.io.atomic`): to a temporary file in the same folder, then
+``os.replace``d, so a reader never sees a half-written file (a failed streaming writer leaves no file at all).
+:func:`overlay_image` draws the overlay in memory (for MLflow, or any caller that does not want a file).
 
 Coordinates: arrays are indexed (row, col); every stored point is (x, y) = (col, row) in pixels. Tables are the
 rows of ``scripts.io.measurements.nucleus_table`` (pixel centres at integer coordinates).
@@ -12,11 +13,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Mapping
+from typing import IO, Any, Iterable, Mapping
 
 import numpy as np
 import tifffile
@@ -25,6 +23,7 @@ from shapely.geometry import Polygon
 from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
+from scripts.io.atomic import atomic_open, atomic_path
 from scripts.io.measurements import TABLE_COLUMNS, UNCLASSIFIED
 
 # Measurements stored on each GeoJSON feature (table column -> QuPath measurement name).
@@ -39,33 +38,6 @@ GEOJSON_MEASUREMENTS = {
     "hematoxylin_mean": "Hematoxylin OD mean",
 }
 UNCLASSIFIED_COLOR = (255, 255, 0)  # overlay colour of nuclei without a class
-
-
-_UMASK = os.umask(0)  # the process umask (read, then restored)
-os.umask(_UMASK)
-
-
-@contextmanager
-def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
-    """``open`` a temporary file next to ``path`` that replaces ``path`` when the block exits without error."""
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
-        yield f
 
 
 # ----------------------------------------------------------------------------------------------- label maps
@@ -278,6 +250,45 @@ def _thumbnail(image: np.ndarray, inst_map: np.ndarray, classes: np.ndarray, max
     return np.round(small).astype(np.uint8), inst_map[np.ix_(rows, cols)], classes[np.ix_(rows, cols)]
 
 
+def overlay_image(
+    image: np.ndarray,
+    inst_map: np.ndarray,
+    classes: np.ndarray | Mapping[int, int] | None,
+    class_table: Mapping[int, Mapping],
+    max_size: int | None = None,
+    unclassified_color: tuple[int, int, int] = UNCLASSIFIED_COLOR,
+) -> np.ndarray:
+    """``image`` with each nucleus outline (inner boundary pixels) drawn in its class colour: RGB uint8 (H, W, 3),
+    drawn in memory.
+
+    Args:
+        image: RGB uint8 (H, W, 3).
+        inst_map: int (H, W), 0 = background.
+        classes: a type map (H, W) of class ids, or nucleus id -> class id, or None (all ``unclassified_color``).
+        class_table: ``{class_id: {"name", "color": [r, g, b]}}``.
+        max_size: if set, the longer side of the result in pixels (image and labels are downscaled first; a
+            thumbnail for slides).
+
+    Raises:
+        ValueError: a wrong image type or shape, or a class id missing from ``class_table``.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be RGB uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    if inst_map.shape != image.shape[:2]:
+        raise ValueError(f"inst_map shape {inst_map.shape} does not match image {image.shape[:2]}")
+    pixel_classes = _pixel_classes(inst_map, {} if classes is None else classes)
+    image, inst_map, pixel_classes = _thumbnail(image, inst_map, pixel_classes, max_size)
+    lut = _class_colors(class_table, unclassified_color)
+    boundary = find_boundaries(inst_map, mode="inner") & (inst_map > 0)
+    cls = pixel_classes[boundary].astype(np.int64)
+    unknown = np.setdiff1d(np.unique(cls), [UNCLASSIFIED, *class_table])
+    if unknown.size:
+        raise ValueError(f"class ids {unknown.tolist()} are not in the class table (ids {sorted(class_table)})")
+    out = image.copy()
+    out[boundary] = lut[cls]
+    return out
+
+
 def write_overlay(
     path: str | Path,
     image: np.ndarray,
@@ -287,30 +298,11 @@ def write_overlay(
     max_size: int | None = None,
     unclassified_color: tuple[int, int, int] = UNCLASSIFIED_COLOR,
 ) -> Path:
-    """PNG of ``image`` with each nucleus outline (inner boundary pixels) drawn in its class colour.
-
-    Args:
-        image: RGB uint8 (H, W, 3).
-        inst_map: int (H, W), 0 = background.
-        classes: a type map (H, W) of class ids, or nucleus id -> class id, or None (all ``unclassified_color``).
-        class_table: ``{class_id: {"name", "color": [r, g, b]}}``.
-        max_size: if set, the longer side of the PNG in pixels (image and labels are downscaled first; a
-            thumbnail for slides).
-    """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"{path}: image must be RGB uint8 (H, W, 3), got {image.dtype} {image.shape}")
-    if inst_map.shape != image.shape[:2]:
-        raise ValueError(f"{path}: inst_map shape {inst_map.shape} does not match image {image.shape[:2]}")
-    pixel_classes = _pixel_classes(inst_map, {} if classes is None else classes)
-    image, inst_map, pixel_classes = _thumbnail(image, inst_map, pixel_classes, max_size)
-    lut = _class_colors(class_table, unclassified_color)
-    boundary = find_boundaries(inst_map, mode="inner") & (inst_map > 0)
-    cls = pixel_classes[boundary].astype(np.int64)
-    unknown = np.setdiff1d(np.unique(cls), [UNCLASSIFIED, *class_table])
-    if unknown.size:
-        raise ValueError(f"{path}: class ids {unknown.tolist()} are not in the class table (ids {sorted(class_table)})")
-    out = image.copy()
-    out[boundary] = lut[cls]
+    """PNG of :func:`overlay_image` (same arguments) at ``path``; errors name ``path``."""
+    try:
+        out = overlay_image(image, inst_map, classes, class_table, max_size, unclassified_color)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
     with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(out).save(tmp, format="PNG")
     return Path(path)

@@ -28,7 +28,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 from skimage.transform import downscale_local_mean
 
-from scripts.io.writers import atomic_path
+from scripts.io.atomic import atomic_path
 
 logger = get_logger("scripts.io.wsi")
 

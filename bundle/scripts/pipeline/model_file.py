@@ -2,15 +2,21 @@
 
 File layout (``torch.save`` of plain containers, loadable with ``weights_only=True``)::
 
-    {"format": "promptnucseg/2", "storage": "float32" | "float16" | "int8",
-     "prompter": {"config": {num_classes, backbone, levels, anchor_step, fpn_channels, mlp_hidden, class_names},
-                  "state_dict": {...}, "int8_scales": {...}},
-     "segmentor": {"config": {variant, image_size, overrides}, "state_dict": {...}, "int8_scales": {...}}}
+    {"format": "promptnucseg/3", "storage": "float32" | "float16" | "int8",
+     "class_table": {class_id: {"name": str, "color": [r, g, b]}},
+     "prompter": {"config": {num_classes, backbone, levels, anchor_step, fpn_channels, mlp_hidden, class_names,
+                             ...the prompter's other training hyperparameters}, "state_dict": {...}, "int8_scales": {...}},
+     "segmentor": {"config": {variant, image_size, overrides, ...}, "state_dict": {...}, "int8_scales": {...}}}
+
+The class table travels with the model: inference, the writers and the MONAI Label app name and colour the classes
+from it. It is made at export from the class names the prompter was trained with
+(:func:`scripts.data.records.class_table_from_names`); an untyped model has an empty table.
 
 Storage ``float16`` keeps every floating-point tensor as float16; ``int8`` additionally stores each weight matrix /
 convolution kernel (2 or more dims, at least :data:`INT8_MIN_ELEMENTS` elements) as int8 with one float32 scale per
 output channel (symmetric, ``weight ~= int8 * scale``, scales in ``int8_scales`` under the same key). Loading
-restores float32 tensors. ``promptnucseg/1`` files (no ``storage``, no ``int8_scales``) are still read.
+restores float32 tensors. ``promptnucseg/1`` files (no ``storage``, no ``int8_scales``) and ``promptnucseg/2`` files
+(no ``class_table``) are still read, with the bundle's class table (``configs/metadata.json``).
 """
 
 from __future__ import annotations
@@ -20,13 +26,16 @@ from typing import Any
 
 import torch
 
-from scripts.training.checkpoints import atomic_torch_save, load_checkpoint
+from scripts.data.records import class_table_from_names, load_class_table
+from scripts.io.atomic import atomic_torch_save
+from scripts.io.checkpoints import load_checkpoint
+from scripts.pipeline.options import PipelineOptions
 from scripts.pipeline.promptnucseg import PromptNucSeg
 from scripts.prompter.net import Prompter
 from scripts.segmentor.build import build_segmentor
 
-MODEL_FORMAT = "promptnucseg/2"
-READABLE_FORMATS = ("promptnucseg/1", MODEL_FORMAT)
+MODEL_FORMAT = "promptnucseg/3"
+READABLE_FORMATS = ("promptnucseg/1", "promptnucseg/2", MODEL_FORMAT)
 STORAGES = ("float32", "float16", "int8")
 INT8_MIN_ELEMENTS = 1024
 PARTS = ("prompter", "segmentor")
@@ -51,7 +60,8 @@ def export_model(prompter_checkpoint: str | Path, segmentor_checkpoint: str | Pa
             raise KeyError(f"{path}: not a training checkpoint of this bundle (needs 'network' and 'config')")
         state, scales = pack_state_dict(checkpoint["network"], storage)
         parts[name] = {"config": checkpoint["config"], "state_dict": state, "int8_scales": scales}
-    atomic_torch_save({"format": MODEL_FORMAT, "storage": storage, **parts}, output_path)
+    class_table = class_table_from_names(parts["prompter"]["config"].get("class_names") or [])
+    atomic_torch_save({"format": MODEL_FORMAT, "storage": storage, "class_table": class_table, **parts}, output_path)
     return Path(output_path)
 
 
@@ -93,7 +103,11 @@ def read_model_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path} (train one, or point --model_path at a model.pt)")
-    model = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file at all (text, truncated, another pickle): say what was expected
+        raise ValueError(f"{path}: not a PromptNucSeg model file (torch.load failed: {type(error).__name__})"
+                         ) from error
     if not isinstance(model, dict) or model.get("format") not in READABLE_FORMATS:
         found = model.get("format") if isinstance(model, dict) else type(model).__name__
         raise ValueError(f"{path}: not a PromptNucSeg model file (format {found!r}, expected one of "
@@ -113,16 +127,27 @@ def build_networks(model: dict) -> tuple[Prompter, torch.nn.Module]:
     return prompter.eval(), segmentor.eval()
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", **pipeline_kwargs: Any) -> PromptNucSeg:
-    """Load a model file as a ready-to-run :class:`PromptNucSeg` (``pipeline_kwargs``: its inference options).
+def model_class_table(model: dict) -> dict[int, dict]:
+    """The class table of a loaded model file: its own, or the bundle's for files older than ``promptnucseg/3``."""
+    if "class_table" in model:
+        return {int(k): {"name": str(v["name"]), "color": [int(c) for c in v["color"]]}
+                for k, v in model["class_table"].items()}
+    return load_class_table()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", options: PipelineOptions | None = None,
+               **changes: Any) -> PromptNucSeg:
+    """Load a model file as a ready-to-run :class:`PromptNucSeg` with the file's class table.
+
+    Args:
+        path: the model file. device: where it runs.
+        options: the pipeline's options (:class:`PipelineOptions`; its defaults when None).
+        **changes: options changed by name (``prompter_tta=True``).
 
     Raises:
         FileNotFoundError: naming the missing file. ValueError: a file of another format.
     """
-    prompter, segmentor = build_networks(read_model_file(path))
-    return PromptNucSeg(prompter, segmentor, **pipeline_kwargs).to(device).eval()
-
-
-def model_class_names(path: str | Path) -> list[str]:
-    """Class names stored with the prompter (index i = class id i + 1)."""
-    return list(read_model_file(path)["prompter"]["config"].get("class_names") or [])
+    model = read_model_file(path)
+    prompter, segmentor = build_networks(model)
+    network = PromptNucSeg(prompter, segmentor, options, class_table=model_class_table(model), **changes)
+    return network.to(device).eval()

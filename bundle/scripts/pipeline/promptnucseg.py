@@ -14,12 +14,17 @@ Coordinates: points are (x, y) = (col, row) in pixels of the input image.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
+from scripts.pipeline.instances import keep_one_region
+from scripts.pipeline.options import PipelineOptions, as_scale
 from scripts.pipeline.tiling import tile_grid
 from scripts.prompter.decode import decode_prompts, point_nms
 from scripts.prompter.tta import prompts_tta
@@ -33,68 +38,18 @@ class PromptNucSeg(nn.Module):
     Args:
         prompter: a :class:`scripts.prompter.net.Prompter`.
         segmentor: a :class:`scripts.segmentor.net.Segmentor` (its ``image_size`` is the tile size).
-        num_neg: K, nearest other prompts used as negative prompts of each prompt (paper: 1).
-        mask_filter: mask-aided prompt filtering (keep prompts where the auxiliary map > 0.5).
-        nms_radius: point NMS radius in px.
-        score_threshold: optional minimum class score of a prompt.
-        foreground_threshold: a prompter anchor is a nucleus when its summed nucleus-class probability reaches
-            this; None: when its argmax is not background (the official rule). See
-            :func:`scripts.prompter.decode.decode_prompts`.
-        prompter_tta: find the prompts of each prompter tile on its 8 flips and quarter-turns and keep the points
-            found in at least 4 of them (:mod:`scripts.prompter.tta`): 8 prompter passes instead of 1.
-        min_area: instances with fewer pixels (after overlap resolution) are dropped.
-        tile_overlap: overlap between neighbouring tiles in px (context = half of it at least), of the prompter's
-            tiles and of the segmentor encoder's (there at most half a tile, rounded down to whole token pairs).
-        prompter_tile_size: tile size of the prompter in px; None runs it on the whole image at once.
-        chunk_size: prompts per mask-decoder call (bounds memory).
-        encoder_batch: encoder tiles per encoder call.
-        encoder_tile_size: tile size of the segmentor's image encoder in px (a multiple of 32). None: the
-            segmentor's input size for a ViT encoder (built for it), 1024 px for a convolutional one (more context
-            per tile, fewer tile borders; it runs on any size).
-        whole_image_encoder: run the segmentor's image encoder on the whole image in one pass instead of tiles
-            (convolutional encoders only; memory grows with the image).
-        input_scale: resample the image by this factor before segmenting it, to bring it to the resolution the
-            model was trained at (the default model: 40x, ~0.25 µm/px; a 20x image (~0.5 µm/px) takes 2.0).
-            Bilinear (antialiased when shrinking); the outputs are mapped back to the input's pixels (instance map
-            by nearest neighbour, points scaled; an instance left without a pixel is dropped).
+        options: how it runs (:class:`scripts.pipeline.options.PipelineOptions`; its defaults when None).
+        class_table: ``{class_id: {"name", "color"}}`` of the prompter's classes (the model file's own table).
+        **changes: options to change from ``options`` by name (``prompter_tta=True``).
     """
 
-    def __init__(
-        self,
-        prompter: nn.Module,
-        segmentor: nn.Module,
-        num_neg: int = 1,
-        mask_filter: bool = True,
-        nms_radius: float = 12,
-        score_threshold: float | None = None,
-        foreground_threshold: float | None = None,
-        prompter_tta: bool = False,
-        min_area: int = 10,
-        tile_overlap: int = 128,
-        prompter_tile_size: int | None = 1024,
-        chunk_size: int = 128,
-        encoder_batch: int = 4,
-        encoder_tile_size: int | None = None,
-        whole_image_encoder: bool = False,
-        input_scale: float = 1.0,
-    ) -> None:
+    def __init__(self, prompter: nn.Module, segmentor: nn.Module, options: PipelineOptions | None = None,
+                 class_table: Mapping[int, Mapping] | None = None, **changes: Any) -> None:
         super().__init__()
         self.prompter = prompter
         self.segmentor = segmentor
-        self.num_neg = num_neg
-        self.mask_filter = mask_filter
-        self.nms_radius = nms_radius
-        self.score_threshold = score_threshold
-        self.foreground_threshold = foreground_threshold
-        self.prompter_tta = prompter_tta
-        self.min_area = min_area
-        self.tile_overlap = tile_overlap
-        self.prompter_tile_size = prompter_tile_size
-        self.chunk_size = chunk_size
-        self.encoder_batch = encoder_batch
-        self.encoder_tile_size = encoder_tile_size
-        self.whole_image_encoder = whole_image_encoder
-        self.input_scale = _check_scale(input_scale)
+        self.options = (options or PipelineOptions()).replace(**changes)
+        self.class_table = {int(k): dict(v) for k, v in (class_table or {}).items()}
 
     @property
     def tile_size(self) -> int:
@@ -117,7 +72,7 @@ class PromptNucSeg(nn.Module):
             ``ious`` (M,) predicted IoU; row i describes instance id i + 1.
         """
         image = self._check_image(image)
-        scale = self.input_scale if input_scale is None else _check_scale(input_scale)
+        scale = self.options.input_scale if input_scale is None else as_scale(input_scale, "input_scale")
         if scale != 1.0:
             return self._rescaled(image, prompts, scale)
         return self._run(image, prompts)
@@ -140,7 +95,7 @@ class PromptNucSeg(nn.Module):
             prompts = {**prompts, "points": (prompts["points"].float() + 0.5) * scale - 0.5}
         out = self._run(resampled, prompts)
         inst = F.interpolate(out["inst_map"][None, None].float(), size=(height, width), mode="nearest-exact")[0, 0]
-        inst = inst.long()
+        inst = torch.from_numpy(keep_one_region(inst.long().numpy()))  # resampling can cut a thin neck
         present = torch.unique(inst)
         present = present[present > 0]
         relabel = torch.zeros(len(out["points"]) + 1, dtype=torch.int32)
@@ -164,15 +119,16 @@ class PromptNucSeg(nn.Module):
     def find_prompts(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Point prompts of the whole image: prompter per tile (core points kept), then global point NMS."""
         height, width = image.shape[-2:]
-        size = self.prompter_tile_size or max(height, width)
-        overlap = min(self.tile_overlap, size // 2) if size < max(height, width) else 0
-        options = {"score_threshold": self.score_threshold, "foreground_threshold": self.foreground_threshold,
-                   "mask_filter": self.mask_filter, "nms_radius": self.nms_radius}
+        size = self.options.prompter_tile_size or max(height, width)
+        overlap = min(self.options.tile_overlap, size // 2) if size < max(height, width) else 0
+        opts = self.options
+        options = {"score_threshold": opts.score_threshold, "foreground_threshold": opts.foreground_threshold,
+                   "mask_filter": opts.mask_filter, "nms_radius": opts.nms_radius}
         found = []
         for tile in tile_grid(height, width, size, overlap):
             crop = image[:, tile.y0 : tile.y0 + size, tile.x0 : tile.x0 + size]
             batch = crop[None].to(self._device(self.prompter))
-            if self.prompter_tta:
+            if self.options.prompter_tta:
                 pred = prompts_tta(self.prompter, batch, **options)
             else:
                 pred = decode_prompts(self.prompter(batch), image_size=tuple(crop.shape[-2:]), **options)[0]
@@ -181,8 +137,8 @@ class PromptNucSeg(nn.Module):
             found.append({"points": points[keep], "classes": pred["classes"].cpu()[keep],
                           "scores": pred["scores"].cpu()[keep]})
         prompts = {k: torch.cat([f[k] for f in found]) for k in ("points", "classes", "scores")}
-        if self.nms_radius:
-            keep = point_nms(prompts["points"], prompts["scores"], self.nms_radius)
+        if self.options.nms_radius:
+            keep = point_nms(prompts["points"], prompts["scores"], self.options.nms_radius)
             prompts = {k: v[keep] for k, v in prompts.items()}
         return prompts
 
@@ -202,15 +158,15 @@ class PromptNucSeg(nn.Module):
             ``inst_map`` (H, W) int32, ``prompt_of_id`` (M,) prompt index of instance id i + 1, ``ious`` (M,).
         """
         height, width = image.shape[-2:]
-        coords, labels = negative_prompts(points, extra_negatives, self.num_neg)
+        coords, labels = negative_prompts(points, extra_negatives, self.options.num_neg)
         best_score = torch.full((height * width,), -torch.inf)
         owner = torch.zeros(height * width, dtype=torch.int64)  # prompt index + 1
         iou_pred = torch.zeros(len(points))
         if len(points):
             device = self._device(self.segmentor)
             embedding = self.embed(image, points).to(device)
-            for start in range(0, len(points), self.chunk_size):
-                part = torch.arange(start, min(start + self.chunk_size, len(points)))
+            for start in range(0, len(points), self.options.chunk_size):
+                part = torch.arange(start, min(start + self.options.chunk_size, len(points)))
                 logits, ious, offsets = decode_at_points(self.segmentor, embedding, coords[part].to(device),
                                                          labels[part].to(device))
                 self._paint(logits.cpu(), ious.cpu().float(), part, offsets.cpu(), (height, width), best_score, owner)
@@ -236,7 +192,7 @@ class PromptNucSeg(nn.Module):
         canvas_w = max(self.tile_size, -(-width // multiple) * multiple)
         canvas = torch.nn.functional.pad(image.float(), (0, canvas_w - width, 0, canvas_h - height), value=255.0)
         device = self._device(self.segmentor)
-        if self.whole_image_encoder:
+        if self.options.whole_image_encoder:
             return self.segmentor.encode_whole(canvas[None].to(device))[0].cpu()
         tile_size = self.encoder_tile(canvas_h, canvas_w)
         overlap = self.encoder_overlap(stride, tile_size)
@@ -249,8 +205,8 @@ class PromptNucSeg(nn.Module):
                 jobs.append((tile, core))
         encode = self.segmentor.encode if tile_size == self.tile_size else self.segmentor.encode_whole
         embedding = None
-        for start in range(0, len(jobs), self.encoder_batch):
-            batch = jobs[start : start + self.encoder_batch]
+        for start in range(0, len(jobs), self.options.encoder_batch):
+            batch = jobs[start : start + self.options.encoder_batch]
             crops = torch.stack([canvas[:, t.y0 : t.y0 + tile_size, t.x0 : t.x0 + tile_size] for t, _ in batch])
             encoded = encode(crops.to(device)).cpu()
             if embedding is None:
@@ -264,13 +220,13 @@ class PromptNucSeg(nn.Module):
         """The encoder's tile size in px for a (canvas_h, canvas_w) canvas (see ``encoder_tile_size``)."""
         if isinstance(getattr(self.segmentor, "image_encoder", None), ImageEncoderViT):
             return self.tile_size
-        size = self.encoder_tile_size or max(self.tile_size, 1024)
+        size = self.options.encoder_tile_size or max(self.tile_size, 1024)
         return min(size, max(canvas_h, canvas_w, self.tile_size))
 
     def encoder_overlap(self, stride: int, tile_size: int | None = None) -> int:
         """The encoder tiles' overlap in px: ``tile_overlap`` at most half a tile, in whole pairs of tokens (so
         that core borders fall on token borders)."""
-        overlap = min(self.tile_overlap, (tile_size or self.tile_size) // 2)
+        overlap = min(self.options.tile_overlap, (tile_size or self.tile_size) // 2)
         return overlap - overlap % (2 * stride)
 
     @staticmethod
@@ -298,9 +254,11 @@ class PromptNucSeg(nn.Module):
         owner[flat[beats]] = prompt_idx[z[beats]] + 1
 
     def _relabel(self, owner: np.ndarray, iou_pred: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-        """Contiguous ids 1..M, dropping instances under ``min_area`` px."""
+        """Each instance one connected region (:func:`keep_one_region`), contiguous ids 1..M, dropping instances
+        under ``min_area`` px."""
+        owner = keep_one_region(owner)
         areas = np.bincount(owner.ravel(), minlength=len(iou_pred) + 1)[1:]
-        kept = np.flatnonzero(areas >= max(self.min_area, 1))
+        kept = np.flatnonzero(areas >= max(self.options.min_area, 1))
         relabel = np.zeros(len(iou_pred) + 1, np.int32)
         relabel[kept + 1] = np.arange(1, kept.size + 1, dtype=np.int32)
         prompt_of_id = torch.from_numpy(kept.astype(np.int64))
@@ -309,12 +267,6 @@ class PromptNucSeg(nn.Module):
     @staticmethod
     def _device(module: nn.Module) -> torch.device:
         return next(module.parameters()).device
-
-
-def _check_scale(input_scale: float) -> float:
-    if not input_scale > 0:
-        raise ValueError(f"input_scale must be > 0, got {input_scale}")
-    return float(input_scale)
 
 
 def _instance_outputs(inst_map: torch.Tensor, points: torch.Tensor, classes: torch.Tensor, scores: torch.Tensor,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from scripts.parse import as_bool
+
 
 def point_nms(points: torch.Tensor, scores: torch.Tensor, radius: float) -> torch.Tensor:
     """Greedy point non-maximum suppression.
@@ -77,6 +79,7 @@ def decode_prompts(
     height, width = image_size
     pred_points, logits = outputs["pred_points"], outputs["pred_logits"]
     aux = outputs.get("aux_logits")
+    mask_filter = as_bool(mask_filter, "mask_filter")
     if mask_filter:
         if aux is None:
             raise KeyError("decode_prompts: mask_filter=True needs outputs['aux_logits']")

@@ -1,7 +1,8 @@
 """Prompter training loss (paper Eq. 4-6): L = L_cls + L_reg + L_aux.
 
 - ``L_cls``: cross-entropy over all anchors of the batch; matched anchors target their nucleus's class,
-  unmatched anchors the background class (index C) with weight β (``bg_weight``), foreground classes weight 1.
+  unmatched anchors the background class (index C) with weight β (``bg_weight``), foreground classes weight 1
+  (or ``class_weights``: one weight per foreground class, to up-weight rare classes; not in the paper).
   Normalised as a weighted mean, Σ w_t · CE / Σ w_t over every anchor of the batch (PyTorch's weighted
   ``cross_entropy``), i.e. divided by N + β (M - N) where the paper writes 1/M (a constant factor per image).
   A nucleus of unknown class (class -1: untyped data such as MoNuSeg mixed with typed data such as CoNSeP)
@@ -13,6 +14,8 @@
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,7 @@ class PrompterLoss(nn.Module):
         focal_gamma: focusing exponent of the focal loss.
         focal_alpha: optional α of the α-balanced focal loss (None = unbalanced, as the authors).
         match_alpha: α of the matching cost (Eq. 3), per px.
+        class_weights: cross-entropy weight of each foreground class 1..C (None: all 1, the paper).
     """
 
     def __init__(
@@ -42,8 +46,12 @@ class PrompterLoss(nn.Module):
         focal_gamma: float = 2.0,
         focal_alpha: float | None = None,
         match_alpha: float = 0.1,
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        if self.class_weights is not None and min(self.class_weights, default=1.0) <= 0:
+            raise ValueError(f"class_weights must be positive, got {class_weights}")
         self.bg_weight = bg_weight
         self.reg_weight = reg_weight
         self.aux_weight = aux_weight
@@ -62,6 +70,10 @@ class PrompterLoss(nn.Module):
         """Weighted mean cross-entropy over all anchors; unknown-class targets (-1) score the foreground mass."""
         num_classes = logits.shape[-1] - 1
         class_weight = torch.ones(num_classes + 1, dtype=logits.dtype, device=logits.device)
+        if self.class_weights is not None:
+            if len(self.class_weights) != num_classes:
+                raise ValueError(f"class_weights has {len(self.class_weights)} entries for {num_classes} classes")
+            class_weight[:num_classes] = torch.tensor(self.class_weights, dtype=logits.dtype)
         class_weight[-1] = self.bg_weight
         log_probs = F.log_softmax(logits.flatten(0, 1), dim=-1)
         targets = targets.flatten()

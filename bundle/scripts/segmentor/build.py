@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from scripts.parse import as_bool
 from scripts.segmentor.conv_encoder import ConvImageEncoder
 from scripts.segmentor.net import Segmentor
 
@@ -95,6 +96,8 @@ def build_segmentor(
         KeyError: unknown variant. TypeError: unknown override. FileNotFoundError: missing checkpoint.
         ValueError: a checkpoint whose keys or shapes do not fit after resizing (the keys are listed).
     """
+    frozen = {name: as_bool(value, name) for name, value in (("freeze_prompt_encoder", freeze_prompt_encoder),
+              ("freeze_image_encoder", freeze_image_encoder), ("freeze_mask_decoder", freeze_mask_decoder))}
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"segmentor checkpoint not found: {checkpoint}")
     if variant not in SEGMENTOR_VARIANTS:
@@ -142,12 +145,9 @@ def build_segmentor(
         load_sam_checkpoint(model, checkpoint)
     elif spec.encoder == "vit":
         _init_image_encoder(model.image_encoder)
-    for module, frozen in (
-        (model.prompt_encoder, freeze_prompt_encoder),
-        (model.image_encoder, freeze_image_encoder),
-        (model.mask_decoder, freeze_mask_decoder),
-    ):
-        module.requires_grad_(not frozen)
+    for name, module in (("prompt_encoder", model.prompt_encoder), ("image_encoder", model.image_encoder),
+                         ("mask_decoder", model.mask_decoder)):
+        module.requires_grad_(not frozen[f"freeze_{name}"])
     return model
 
 

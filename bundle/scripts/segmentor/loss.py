@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss, FocalLoss
 from torch import nn
 
+from scripts.parse import as_bool
+
 __all__ = ["SegmentorLoss", "mask_boxes", "box_windows", "mask_iou"]
 
 
@@ -119,7 +121,7 @@ class SegmentorLoss(nn.Module):
         self.mask_loss = mask_loss
         self.bce_pos_weight = float(bce_pos_weight)
         self.mask_reduction = mask_reduction
-        self.crop_to_box = crop_to_box
+        self.crop_to_box = as_bool(crop_to_box, "crop_to_box")
         self.box_margin = int(box_margin)
         self.outside_weight = float(outside_weight)
         self.focal = FocalLoss(use_softmax=False, gamma=focal_gamma, alpha=focal_alpha, reduction="none")

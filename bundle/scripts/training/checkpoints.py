@@ -2,14 +2,14 @@
 
 ``last.pt`` (everything needed to resume: network, optimizer, scheduler, trainer counters, best metric) is
 rewritten atomically after every epoch; ``best.pt`` (network weights and the metric) when the validation key
-metric improves. A killed training loses at most the epoch in progress.
+metric improves. A killed training loses at most the epoch in progress. The file-level helpers (atomic save,
+safe load, the weights inside a checkpoint) are in :mod:`scripts.io.atomic` and :mod:`scripts.io.checkpoints`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ from ignite.engine import Engine, Events
 from monai.apps.utils import get_logger
 from monai.networks.utils import copy_model_state
 
-from scripts.io.writers import atomic_path
+from scripts.io.atomic import atomic_torch_save
+from scripts.io.checkpoints import load_checkpoint, state_dict_in
 
 logger = get_logger("scripts.training.checkpoints")
 
@@ -26,45 +27,12 @@ LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed
-    (:func:`scripts.io.writers.atomic_path`): a reader never sees a partial file."""
-    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint written by this module (tensors and plain values only: ``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-STATE_KEYS = ("state_dict", "model", "network", "segmentor", "prompter", "net")
-
-
-def state_dict_in(payload: Any, source: str) -> dict[str, Any]:
-    """The network weights a loaded checkpoint holds: ``payload`` itself, or its entry under the first of
-    :data:`STATE_KEYS` that is a mapping; a leading ``module.`` (DataParallel / DDP) is stripped from the names.
-
-    Raises:
-        ValueError: ``payload`` is not a dict (the message starts with ``source``, e.g. the file's path).
-    """
-    if not isinstance(payload, Mapping):
-        raise ValueError(f"{source} is not a checkpoint dict (got {type(payload).__name__})")
-    state = next((payload[k] for k in STATE_KEYS if isinstance(payload.get(k), Mapping)), payload)
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def warm_start(model: torch.nn.Module, checkpoint: str | os.PathLike | None) -> torch.nn.Module:
     """Initialise ``model`` in place from a checkpoint of the same kind of network wherever names and shapes agree
     (MONAI's ``copy_model_state``): fine-tuning from an earlier run, or a stride-8 segmentor from a stride-16 one (its
     backbone, neck, prompt encoder and mask decoder carry over; the finer stages' projections start fresh). The
-    checkpoint is a state dict or holds one under one of :data:`STATE_KEYS` (``best.pt`` / ``last.pt`` of
-    :class:`TrainingCheckpointer` do). None: the model unchanged.
+    checkpoint is a state dict or holds one under one of :data:`scripts.io.checkpoints.STATE_KEYS` (``best.pt`` /
+    ``last.pt`` of :class:`TrainingCheckpointer` do). None: the model unchanged.
 
     Raises:
         FileNotFoundError: missing file. ValueError: nothing at all could be copied (another kind of network).
@@ -109,7 +77,9 @@ class BestMetric:
 class TrainingCheckpointer:
     """Save ``last.pt`` each epoch and ``best.pt`` on a better validation metric; resume from ``last.pt``.
 
-    Attach after the validation handler so the metric of the finished epoch is available.
+    Attach after the validation handler so the metric of the finished epoch is available. It writes, so in a
+    multi-process training it runs on rank 0 only (:attr:`rank_zero_only`); the other ranks get its
+    :meth:`other_ranks` counterpart, :class:`ResumeOnly`, so that every replica resumes from the same weights.
 
     Args:
         save_dir: folder of the checkpoints.
@@ -121,6 +91,9 @@ class TrainingCheckpointer:
         resume: load ``save_dir/last.pt`` when the trainer starts, if it exists.
         extra: plain values stored in every checkpoint (e.g. the network's construction arguments).
     """
+
+    rank_zero_only = True
+    """Read by :func:`scripts.training.distributed.rank_zero_handlers`: this handler writes files."""
 
     def __init__(
         self,
@@ -140,6 +113,10 @@ class TrainingCheckpointer:
         self.resume = resume
         self.extra = dict(extra or {})
         self.best = BestMetric()
+
+    def other_ranks(self) -> "ResumeOnly":
+        """What ranks > 0 attach instead: the loading half (resume from ``last.pt``, never save)."""
+        return ResumeOnly(self)
 
     @property
     def last_path(self) -> Path:
@@ -201,3 +178,17 @@ class TrainingCheckpointer:
             return None  # no validation this epoch
         value = self.evaluator.state.metrics.get(self.key_metric)
         return None if value is None else float(value)
+
+
+class ResumeOnly:
+    """The loading half of a :class:`TrainingCheckpointer`: resume from ``last.pt`` at start, never save."""
+
+    summary = "resume only"
+    """How :func:`scripts.training.distributed.rank_zero_handlers` logs the replacement."""
+
+    def __init__(self, checkpointer: TrainingCheckpointer) -> None:
+        self.checkpointer = checkpointer
+
+    def attach(self, engine: Engine) -> None:
+        if self.checkpointer.resume:
+            engine.add_event_handler(Events.STARTED, self.checkpointer._load_last)

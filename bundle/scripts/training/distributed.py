@@ -5,8 +5,10 @@ Launch: ``torchrun --nproc_per_node N -m monai.bundle run training --config_file
 ``DistributedDataParallel`` copy of the stage's network on its share of the training data
 (``DistributedSampler``) and validates its share of the validation patches; the metric handlers gather the
 per-image rows across ranks (``monai.metrics.Cumulative``), so every rank sees the metrics of the whole
-validation set. Handlers that write (checkpoints, console statistics, MLflow) run on rank 0 only; every rank
-still resumes from ``last.pt`` so that the replicas start from the same weights.
+validation set. Handlers that write (checkpoints, console statistics, MLflow) run on rank 0 only: MONAI's writer
+handlers, and this bundle's handlers whose class says ``rank_zero_only = True``; such a handler may offer what the
+other ranks attach instead (``other_ranks()``: the checkpointer's resume-only half, so that every rank still resumes
+from ``last.pt`` and the replicas start from the same weights). This module imports no other handler module.
 
 Rank and world size come from ``torch.distributed`` when it is initialised, else 0 and 1: the helpers work
 unchanged in a single process.
@@ -39,8 +41,8 @@ __all__ = [
     "wrap_ddp",
     "shard",
     "validation_sampler",
+    "is_rank_zero_only",
     "rank_zero_handlers",
-    "ResumeOnly",
     "RankLogger",
 ]
 
@@ -166,59 +168,46 @@ def validation_sampler(dataset: Any, name: str = "validation") -> Any:
     return DistributedSampler(dataset, even_divisible=False, shuffle=False)
 
 
-def _writer_types() -> tuple[type, ...]:
-    """Handler types that write files, logs or tracking records (rank 0 only)."""
+def _monai_writer_types() -> tuple[type, ...]:
+    """MONAI's handler types that write files, logs or tracking records (rank 0 only)."""
     from monai.handlers import CheckpointSaver, MLFlowHandler, StatsHandler, TensorBoardHandler
 
-    from scripts.training.checkpoints import TrainingCheckpointer
+    return CheckpointSaver, MLFlowHandler, StatsHandler, TensorBoardHandler
 
-    types: list[type] = [CheckpointSaver, MLFlowHandler, StatsHandler, TensorBoardHandler, TrainingCheckpointer]
-    try:
-        from scripts.training.tracking import StageTracking
 
-        types.append(StageTracking)
-    except ImportError:  # tracking needs mlflow; without it there is nothing to drop
-        pass
-    return tuple(types)
+def is_rank_zero_only(handler: Any) -> bool:
+    """True for a handler that must run on rank 0 only: one of MONAI's writers, or any handler whose class says
+    so with ``rank_zero_only = True`` (this bundle's checkpointer and MLflow tracking hook)."""
+    return bool(getattr(handler, "rank_zero_only", False)) or isinstance(handler, _monai_writer_types())
 
 
 def rank_zero_handlers(handlers: Sequence[Any] | None, name: str | None = None) -> list[Any]:
     """The engine handlers of this rank: all of them on rank 0; on other ranks, those that do not write.
 
-    On ranks > 0 a :class:`scripts.training.checkpoints.TrainingCheckpointer` becomes :class:`ResumeOnly` (load
-    ``last.pt`` at start, never save) and console statistics, checkpoint savers and MLflow/TensorBoard
-    handlers are dropped. With ``name``, a :class:`RankLogger` is added on every rank.
+    On ranks > 0 a rank-0-only handler (:func:`is_rank_zero_only`) is replaced by what its ``other_ranks()`` method
+    returns when it has one (a :class:`scripts.training.checkpoints.TrainingCheckpointer` becomes its
+    ``ResumeOnly``: load ``last.pt`` at start, never save), else dropped (console statistics, checkpoint savers,
+    MLflow/TensorBoard handlers). With ``name``, a :class:`RankLogger` is added on every rank.
     """
-    from scripts.training.checkpoints import TrainingCheckpointer
-
     out: list[Any] = []
     dropped: list[str] = []
     for handler in handlers or []:
-        if is_rank_zero():
+        if is_rank_zero() or not is_rank_zero_only(handler):
             out.append(handler)
-        elif isinstance(handler, TrainingCheckpointer):
-            out.append(ResumeOnly(handler))
-            dropped.append(f"{type(handler).__name__} (resume only)")
-        elif isinstance(handler, _writer_types()):
+            continue
+        other_ranks = getattr(handler, "other_ranks", None)
+        replacement = other_ranks() if callable(other_ranks) else None
+        if replacement is None:
             dropped.append(type(handler).__name__)
         else:
-            out.append(handler)
+            out.append(replacement)
+            summary = getattr(replacement, "summary", type(replacement).__name__)
+            dropped.append(f"{type(handler).__name__} ({summary})")
     if dropped and name is not None:
         logger.info(f"rank {get_rank()}/{get_world_size()}: {name} handlers left to rank 0: {', '.join(dropped)}")
     if name is not None:
         out.append(RankLogger(name))
     return out
-
-
-class ResumeOnly:
-    """The loading half of a :class:`scripts.training.checkpoints.TrainingCheckpointer`: resume at start, never save."""
-
-    def __init__(self, checkpointer: Any) -> None:
-        self.checkpointer = checkpointer
-
-    def attach(self, engine: Engine) -> None:
-        if self.checkpointer.resume:
-            engine.add_event_handler(Events.STARTED, self.checkpointer._load_last)
 
 
 class RankLogger:

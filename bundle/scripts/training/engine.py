@@ -49,7 +49,8 @@ class PrompterBatch:
 
 
 class SegmentorBatch:
-    """``prepare_batch`` of the segmentor: inputs = image; args = prompt coords (x, y px) and labels; targets = masks."""
+    """``prepare_batch`` of the segmentor: inputs = image; args = prompt coords (x, y px) and labels; targets =
+    masks."""
 
     def __call__(self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False,
                  **kwargs: Any) -> tuple[torch.Tensor, dict, tuple, dict]:

@@ -8,9 +8,10 @@ key                    default                                 meaning
 model_path             ``<repo>/bundle/models/model.pt``       the model file (``scripts.pipeline.model_file`` format)
 device                 cuda if available, else cpu             where the pipeline runs
 max_region_area        16777216 (4096 x 4096)                  largest region (px) one request may ask for
-nms_radius, min_area   the pipeline's (12 px, 10 px)           inference options of the pipeline
-prompter_tta           false                                   true: prompts from the prompter's 8 flips and
-                                                               quarter-turns of the image (8 prompter passes)
+nms_radius, min_area,  the pipeline's (``scripts.pipeline.      the pipeline's options, any field of
+prompter_tta, ...      options.PipelineOptions``)              ``PipelineOptions`` (``prompter_tta true``: prompts
+                                                               from the prompter's 8 flips and quarter-turns;
+                                                               booleans take true/false/yes/no/1/0 only)
 exclude_radius         12                                      px: prompter points this close to a click are
                                                                the clicked nucleus, not a negative neighbour
 min_click_probability  0.5                                     nuclear probability a click needs
@@ -35,6 +36,7 @@ from lib.infers import PromptNucSegClickInfer, PromptNucSegInfer
 from lib.model import ModelStore
 from lib.trainers import PromptNucSegTrain
 from monailabel.interfaces.config import TaskConfig
+from scripts.pipeline.options import PipelineOptions, option_names
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +48,16 @@ def _conf(conf: dict, key: str, default: Any, kind: type) -> Any:
     try:
         return kind(value)
     except ValueError as error:
-        expected = "true or false" if kind is _flag else f"a {kind.__name__}"
-        raise ValueError(f"--conf {key} {value!r}: expected {expected}") from error
+        raise ValueError(f"--conf {key} {value!r}: expected a {kind.__name__}") from error
 
 
-def _flag(value: str) -> bool:
-    """A yes/no ``--conf`` value: true/false, yes/no, 1/0 (any case)."""
-    text = str(value).strip().lower()
-    if text not in ("true", "false", "yes", "no", "1", "0"):
-        raise ValueError(f"not a yes/no value: {value!r}")
-    return text in ("true", "yes", "1")
+def pipeline_options(conf: dict) -> PipelineOptions:
+    """The pipeline's options from ``--conf`` (any field of :class:`PipelineOptions`; its defaults otherwise)."""
+    given = {key: conf[key] for key in option_names() if conf.get(key) not in (None, "")}
+    try:
+        return PipelineOptions(**given)
+    except ValueError as error:
+        raise ValueError(f"--conf {error}") from error
 
 
 class PromptNucSegConfig(TaskConfig):
@@ -64,11 +66,7 @@ class PromptNucSegConfig(TaskConfig):
     def init(self, name: str, model_dir: str, conf: dict, planner: Any, **kwargs) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
         self.path = Path(os.path.abspath(conf.get("model_path") or DEFAULT_MODEL_PATH))
-        pipeline_kwargs = {}
-        for key, kind in (("nms_radius", float), ("min_area", int), ("prompter_tta", _flag)):
-            if conf.get(key):
-                pipeline_kwargs[key] = _conf(conf, key, None, kind)
-        self.store = ModelStore(self.path, **pipeline_kwargs)
+        self.store = ModelStore(self.path, pipeline_options(conf))
         if not self.path.is_file():
             logger.error("PromptNucSeg: %s", self.store.missing_message())
         self.device = conf.get("device") or None

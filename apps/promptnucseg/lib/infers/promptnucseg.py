@@ -2,29 +2,65 @@
 (interactive, the nucleus under each foreground click).
 
 Both follow MONAI Label's ``BasicInferTask`` stages: a pre-transform reads and checks the requested region, the
-inferer runs the bundle's :class:`scripts.pipeline.promptnucseg.PromptNucSeg`, a post-transform turns the instance map into one
-polygon per nucleus (:mod:`lib.annotations`), and MONAI Label's ``PolygonWriter`` writes the ASAP XML or DSA JSON
-file the ``output`` param asks for (``asap``, ``dsa`` default, ``json`` = none) and returns the JSON annotation.
+inferer runs the bundle's :class:`scripts.pipeline.promptnucseg.PromptNucSeg`, a post-transform turns the instance
+map into one polygon per nucleus (:mod:`lib.annotations`), and MONAI Label's ``PolygonWriter`` writes the ASAP XML
+or DSA JSON file the ``output`` param asks for (``asap``, ``dsa`` default, ``json`` = none) and returns the JSON
+annotation.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+import math
+import numbers
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from lib.annotations import annotation_from_instances
 from lib.clicks import segment_clicks
-from lib.errors import RequestError
-from lib.model import ModelStore, class_colors
+from lib.errors import RequestError, shown
+from lib.model import ModelStore
 from lib.region import ImageSource, check_clicks, parse_points, resolve_region
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.transform.writer import PolygonWriter
 
 logger = logging.getLogger(__name__)
+
+MAX_COORDINATE = 2**31 - 1  # px: larger than any slide; larger numbers are refused before they reach numpy
+_COORDINATE_KEYS = {"location": 1, "size": 1, "foreground": 2, "background": 2}  # key -> nesting depth of numbers
+
+
+def _numbers(value: Any, depth: int) -> Iterator[numbers.Real]:
+    """The numbers ``depth`` lists deep in ``value`` (other entries are left to :mod:`lib.region`'s checks)."""
+    if depth == 0:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            yield value
+    elif isinstance(value, (list, tuple)):
+        for entry in value:
+            yield from _numbers(entry, depth - 1)
+
+
+def check_coordinate_range(data: dict) -> None:
+    """``location``, ``size`` and click coordinates within +-``MAX_COORDINATE`` (a 400 naming the key): a JSON
+    integer beyond int64 would make numpy raise a TypeError (a bare 500)."""
+    for key, depth in _COORDINATE_KEYS.items():
+        for number in _numbers(data.get(key), depth):
+            if abs(number) > MAX_COORDINATE:
+                raise RequestError(f"'{key}' holds {shown(number)}, beyond the largest coordinate "
+                                   f"({MAX_COORDINATE} px)")
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real number (not a bool) that is finite as a float (huge JSON integers are not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 class LoadRegiond:
@@ -46,6 +82,7 @@ class LoadRegiond:
         path = d.get("image")
         if not isinstance(path, str) or not path:
             raise RequestError("no image: pass ?image=<id of an image in the datastore> (or upload a file)")
+        check_coordinate_range(d)
         source = ImageSource(path, self.slide_backend)
         try:
             fg = parse_points(d.get("foreground"), "foreground") if self.clicks else np.zeros((0, 2))
@@ -84,7 +121,8 @@ class BuildAnnotationd:
         pred = d["pred"]
         names = self.store.class_names()
         annotation = annotation_from_instances(pred["inst_map"], pred["classes"], pred["scores"], pred["ious"],
-                                               d["location"], names, class_colors(names), self.simplify_tolerance)
+                                               d["location"], names, self.store.class_colors(),
+                                               self.simplify_tolerance)
         result = dict(d.get("result") or {})
         result["annotation"] = annotation
         result["count"] = len(annotation["elements"])
@@ -174,8 +212,8 @@ class PromptNucSegClickInfer(PromptNucSegInfer):
     @staticmethod
     def _option(data: dict, key: str) -> float:
         value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-            raise RequestError(f"'{key}' must be a non-negative number, got {value!r}")
+        if not is_finite_number(value) or value < 0:
+            raise RequestError(f"'{key}' must be a non-negative number, got {shown(value)}")
         return float(value)
 
     def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cuda") -> dict:

@@ -76,8 +76,8 @@ def list_items(dataset_dir: str | Path | Sequence[str | Path], dataset_format: s
     """Lazily loadable items of a dataset, sorted by name (a list of folders: folder by folder); raises ValueError
     when two items share a name."""
     items = []
-    for folder in dataset_folders(dataset_dir):
-        path, reader = _reader(folder, dataset_format)
+    for dataset_folder in dataset_folders(dataset_dir):
+        path, reader = _reader(dataset_folder, dataset_format)
         items += sorted(reader.list_items(path), key=lambda item: item.name)
     check_unique_names(items)
     return items
