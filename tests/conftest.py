@@ -31,9 +31,13 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The shared real data folder; the tests that use it fail loudly when it is missing."""
+    """The project's real datasets (``../shared/data``: all MoNuSeg training images, CoNSeP), for the few tests
+    whose realism needs whole datasets. A user's clone has no such folder: there these tests are reported as not
+    run, with the reason (``-ra``). In CI (``CI`` set), which has it, a missing folder is an error."""
     if not SHARED_DATA.is_dir():
-        raise FileNotFoundError(f"shared data not found at {SHARED_DATA}")
+        if os.environ.get("CI"):
+            raise FileNotFoundError(f"shared data not found at {SHARED_DATA} (CI must have ../shared beside the clone)")
+        pytest.skip(f"needs the project's datasets at {SHARED_DATA}, which a user's clone does not have")
     return SHARED_DATA
 
 

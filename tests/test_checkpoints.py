@@ -116,3 +116,72 @@ def test_warm_start_prompter_from_a_training_checkpoint(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(ValueError, match="tensor.pt is not a checkpoint dict"):
         warm_start(fresh, tmp_path / "tensor.pt")
+
+
+def _tiny_training(save_dir, resume="true", max_epochs=2):
+    """A two-batch engine with a TrainingCheckpointer (no evaluator: best.pt follows last.pt)."""
+    from ignite.engine import Engine
+
+    from scripts.training.checkpoints import TrainingCheckpointer
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def step(engine, batch):
+        opt.zero_grad()
+        loss = net(batch).pow(2).mean()
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item()}
+
+    engine = Engine(step)
+    checkpointer = TrainingCheckpointer(str(save_dir), {"network": net, "optimizer": opt}, resume=resume)
+    checkpointer.attach(engine)
+    return engine, checkpointer, [torch.ones(1, 2), torch.zeros(1, 2)]
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_truncated_last_resumes_from_the_previous_checkpoint(tmp_path, caplog):
+    """``last.pt`` is rotated to ``last.prev.pt`` before each new one; a truncated ``last.pt`` is named in a warning,
+    set aside, and the training resumes from ``last.prev.pt``."""
+    engine, checkpointer, data = _tiny_training(tmp_path)
+    engine.run(data, max_epochs=2)
+    assert load_checkpoint(tmp_path / "last.pt")["trainer"]["epoch"] == 2
+    assert load_checkpoint(tmp_path / "last.prev.pt")["trainer"]["epoch"] == 1  # the previous one is kept
+    _truncate(tmp_path / "last.pt")
+
+    engine, checkpointer, data = _tiny_training(tmp_path)
+    with caplog.at_level("WARNING", logger="scripts.training.checkpoints"):
+        engine.run(data, max_epochs=3)
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert f"checkpoint {tmp_path / 'last.pt'} cannot be read" in warnings
+    assert checkpointer.resumed_from == tmp_path / "last.prev.pt"
+    assert engine.state.epoch == 3 and engine.state.iteration == 6  # epochs 2 and 3 trained after epoch 1
+    assert load_checkpoint(tmp_path / "last.pt")["trainer"]["epoch"] == 3
+    assert load_checkpoint(tmp_path / "last.prev.pt")["trainer"]["epoch"] == 2  # not the damaged file
+    assert (tmp_path / "last.damaged.pt").is_file()
+
+
+def test_no_readable_checkpoint_is_a_clear_error_and_resume_false_starts_afresh(tmp_path):
+    engine, _, data = _tiny_training(tmp_path)
+    engine.run(data, max_epochs=2)
+    _truncate(tmp_path / "last.pt")
+    _truncate(tmp_path / "last.prev.pt", keep=0.1)
+    engine, _, data = _tiny_training(tmp_path)
+    expected = r"last\.pt and .*last\.prev\.pt cannot be read.*delete them.*--resume false"
+    with pytest.raises(RuntimeError, match=expected):
+        engine.run(data, max_epochs=3)
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "last.prev.pt").is_file()  # left for the user to see
+    for value in ("false", "False", "0", False):
+        engine, checkpointer, data = _tiny_training(tmp_path, resume=value)
+        assert checkpointer.resume is False
+        engine.run(data, max_epochs=1)  # the damaged files are not read
+        assert checkpointer.resumed_from is None and engine.state.iteration == 2
+    assert load_checkpoint(tmp_path / "last.pt")["trainer"]["epoch"] == 1
+    with pytest.raises(ValueError, match="resume must be true or false.*'flase'"):
+        _tiny_training(tmp_path, resume="flase")

@@ -46,15 +46,16 @@ IMAGE_OUTPUTS = ("_inst.tif", "_type.tif", ".geojson", ".csv", "_overlay.png")
 SLIDE_OUTPUTS = (".geojson", ".csv", "_overlay.png")
 MONUSEG = "TCGA-21-5784-01Z-00-DX1"
 CONSEP = ("train_10_000", "train_11_005")
+SAMPLE_TILES = sorted((REPO_ROOT / "bundle" / "sample_data" / "images").glob("*.png"))
 BUNDLE_DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"  # as configs/inference.json
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory, shared_data) -> Path:
+def model_file(tmp_path_factory) -> Path:
     """Cheap model: random vit_tiny segmentor at 256 px, small random prompter calibrated on a MoNuSeg crop."""
-    image = read_image(shared_data / "monuseg_train" / f"{MONUSEG}.tif")[:512, :512]
-    return random_model_file(tmp_path_factory.mktemp("model") / "model.pt", image, prompts_per_tile=8,
+    image = sample_mosaic()[:512, :512]
+    return random_model_file(tmp_path_factory.mktemp("model") / "model.pt", image, prompts_per_tile=20,
                              fpn_channels=64, mlp_hidden=64)
 
 
@@ -65,15 +66,26 @@ def model(model_file):
 
 
 @pytest.fixture(scope="module")
-def image_dir(tmp_path_factory, shared_data) -> Path:
-    """A MoNuSeg 1000 x 1000 .tif, two CoNSeP 256 px tiles (one .jpg, one converted to .png), a 100 x 90 .png."""
+def image_dir(tmp_path_factory) -> Path:
+    """A 1000 x 1000 .tif (MoNuSeg size), two 256 px tiles (a .jpg and a .png), a 100 x 90 .png: the bundle's sample
+    tiles (real 40x H&E), so that a clone without the project's datasets runs these tests."""
     folder = tmp_path_factory.mktemp("images")
-    shutil.copy(shared_data / "monuseg_train" / f"{MONUSEG}.tif", folder)
-    consep = shared_data / "consep_train" / "Images"
-    shutil.copy(consep / f"{CONSEP[0]}.jpg", folder)
-    Image.open(consep / f"{CONSEP[1]}.jpg").save(folder / f"{CONSEP[1]}.png")
-    Image.fromarray(read_image(consep / f"{CONSEP[0]}.jpg")[:100, :90]).save(folder / "small_100x90.png")
+    tifffile.imwrite(folder / f"{MONUSEG}.tif", sample_mosaic()[:1000, :1000])
+    Image.fromarray(sample_tile(5)).save(folder / f"{CONSEP[0]}.jpg", quality=95)
+    Image.fromarray(sample_tile(4)).save(folder / f"{CONSEP[1]}.png")
+    Image.fromarray(read_image(folder / f"{CONSEP[0]}.jpg")[:100, :90]).save(folder / "small_100x90.png")
     return folder
+
+
+def sample_tile(index: int) -> np.ndarray:
+    """The bundle's sample tile ``index`` (256 x 256 RGB uint8, 40x H&E)."""
+    return read_image(SAMPLE_TILES[index % len(SAMPLE_TILES)])
+
+
+def sample_mosaic(side: int = 4) -> np.ndarray:
+    """``side`` x ``side`` sample tiles (cycling through the six) as one image, (256 side, 256 side, 3)."""
+    return np.concatenate([np.concatenate([sample_tile(r * side + c) for c in range(side)], 1)
+                           for r in range(side)], 0)
 
 
 @pytest.fixture(scope="module")
@@ -184,11 +196,11 @@ def test_bundle_matches_in_process_pipeline(bundle_outputs, image_dir, model):
                                       result["type_map"].cpu().numpy())
 
 
-def test_blank_tile_gives_empty_outputs_not_an_error(tmp_path, model_file, shared_data):
+def test_blank_tile_gives_empty_outputs_not_an_error(tmp_path, model_file):
     """A tile without nuclei: the five files with zero nuclei (a model finding no prompt, as on glass)."""
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((256, 256, 3), 255, np.uint8)).save(blank)
-    image = read_image(shared_data / "monuseg_train" / f"{MONUSEG}.tif")[:256, :256]
+    image = sample_tile(0)
     network = load_model(random_model_file(tmp_path / "nothing.pt", image, finds_nothing=True, fpn_channels=64,
                                            mlp_hidden=64))
     out = tmp_path / "out"
@@ -202,14 +214,13 @@ def test_blank_tile_gives_empty_outputs_not_an_error(tmp_path, model_file, share
     assert (overlay == 255).all()  # the image itself, no contour
 
 
-def test_bad_files_are_listed_and_do_not_stop_the_others(tmp_path, model_file, shared_data):
+def test_bad_files_are_listed_and_do_not_stop_the_others(tmp_path, model_file):
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "a_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     (folder / "b_empty.jpg").write_bytes(b"")
     (folder / "c_notes.txt").write_text("not an image: ignored")
-    consep = read_image(shared_data / "consep_train" / "Images" / f"{CONSEP[0]}.jpg")
-    Image.fromarray(consep[:100, :90]).save(folder / "d_small.png")
+    Image.fromarray(sample_tile(0)[:100, :90]).save(folder / "d_small.png")
     out = tmp_path / "out"
     proc = run_bundle("inference", "configs/inference.json", "--input_dir", str(folder), "--output_dir", str(out),
                       "--model_path", str(model_file), *THREADS, check=False, timeout=300)
@@ -408,9 +419,9 @@ def expected_slide_tiles(tile: int, overlap: int, min_fraction: float = 0.05) ->
     return processed, kept, len(starts) ** 2
 
 
-def test_is_whole_slide(slide_file, shared_data, tmp_path):
+def test_is_whole_slide(slide_file, image_dir, tmp_path):
     assert is_whole_slide(slide_file)  # a pyramid, however small
-    monuseg = shared_data / "monuseg_train" / f"{MONUSEG}.tif"
+    monuseg = image_dir / f"{MONUSEG}.tif"  # a 1000 x 1000 single-level TIFF
     assert not is_whole_slide(monuseg)
     assert is_whole_slide(monuseg, min_side=1000)  # a big single-level TIFF
     bad = tmp_path / "bad.svs"

@@ -137,6 +137,79 @@ def test_artifact_files_repair_monai_unevaluated_config_path(tmp_path: Path) -> 
     assert artifact_files([f"{tmp_path} + '/config_20240101_000000.json'", None, tmp_path / "missing"]) == [config]
 
 
+def _stage_engine(save_dir: Path, uri: str) -> tuple:
+    """A tiny trainer with a :class:`TrainingCheckpointer` and a :class:`StageRun` attached as in the bundle."""
+    import torch
+    from ignite.engine import Engine
+
+    from scripts.training.checkpoints import TrainingCheckpointer
+
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, batch: {"loss": torch.tensor(1.0)})
+    checkpointer = TrainingCheckpointer(str(save_dir), {"network": net})
+    checkpointer.attach(engine)
+    run = StageRun("prompter", tracking_uri=uri, iteration_log=False, overlay=False, checkpointer=checkpointer)
+    run.attach(engine)
+    return engine, run
+
+
+def test_resumed_training_marks_the_killed_run_and_logs_best_checkpoint(tmp_path: Path) -> None:
+    """A killed training leaves its run RUNNING; when the training resumes (from last.pt), that run is marked
+    KILLED (not a RUNNING run of another folder), and the new run logs the stage's best.pt."""
+    import torch
+
+    uri = default_tracking_uri(tmp_path)
+    client = mlflow.MlflowClient(uri)
+    engine, run = _stage_engine(tmp_path / "prompter", uri)
+    engine.run([0, 1], max_epochs=1)
+    (first,) = client.search_runs([client.get_experiment_by_name("promptnucseg").experiment_id])
+    assert first.info.status == "FINISHED"
+    assert first.data.tags["output_dir"] == str((tmp_path / "prompter").resolve())
+    assert [a.path for a in client.list_artifacts(first.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+    best = client.download_artifacts(first.info.run_id, "checkpoints/best.pt", str(tmp_path / "dl"))
+    assert set(torch.load(best, weights_only=True)["network"]) == {"weight", "bias"}
+
+    experiment = first.info.experiment_id
+    killed = client.create_run(experiment, tags={"stage": "prompter", "output_dir": first.data.tags["output_dir"]})
+    other = client.create_run(experiment, tags={"stage": "prompter", "output_dir": str(tmp_path / "elsewhere")})
+    engine, run = _stage_engine(tmp_path / "prompter", uri)
+    engine.run([0, 1], max_epochs=2)
+    resumed = client.search_runs([experiment], order_by=["attributes.start_time DESC"])[0]
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    assert client.get_run(other.info.run_id).info.status == "RUNNING"
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_runs"] == killed.info.run_id
+    assert resumed.data.tags["resumed_from"] == str(tmp_path / "prompter" / "last.pt")
+    assert client.get_run(first.info.run_id).info.status == "FINISHED"
+
+
+def _compare(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "scripts.compare_runs", *args]
+    return subprocess.run(cmd, cwd=BUNDLE_ROOT, env=bundle_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_compare_runs_refuses_a_missing_store(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.db"
+    proc = _compare("--tracking_uri", f"sqlite:///{typo}")
+    assert proc.returncode == 2 and f"no MLflow database {typo}" in proc.stderr, proc.stderr[-2000:]
+    assert not typo.exists()  # no empty database made
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    proc = _compare("--tracking_uri", uri)
+    assert proc.returncode == 2 and f"no answer from {uri}" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_compare_runs_names_unknown_curve_metrics(tmp_path: Path) -> None:
+    uri = default_tracking_uri(tmp_path)
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("promptnucseg")).info.run_id
+    for step in (1, 2):
+        client.log_metric(run_id, "pq", 0.1 * step, step=step)
+    client.set_terminated(run_id)
+    proc = _compare("--tracking_uri", uri, "--curves", "pq,pqq,f1_dte", "--plot", str(tmp_path / "c.png"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: no run logged 'pqq', 'f1_dte'" in proc.stderr and "Metrics of these runs: pq" in proc.stderr
+    assert (tmp_path / "c.png").is_file()
+
+
 # ----------------------------------------------------------------------------------------------- bundle runs
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -204,6 +277,13 @@ def test_training_stages_are_tracked(tracked: dict) -> None:
         local = Path(client.download_artifacts(run_id, configs[0], str(tracked["out"] / "dl" / run_id)))
         assert json.loads(local.read_text())["prompter"]["hparams"]["anchor_step"] == 8
     assert "MLflow run" in tracked["logs"]
+    # the model file from MLflow alone: each stage's best.pt, as logged
+    from scripts.pipeline.model_file import export_model
+
+    best = [client.download_artifacts(run["run_id"], "checkpoints/best.pt", str(tracked["out"] / "best" / stage))
+            for run, stage in ((prompter, "prompter"), (segmentor, "segmentor"))]
+    model = export_model(*best, tracked["out"] / "from_mlflow" / "model.pt")
+    assert model.is_file() and model.stat().st_size > 1000
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from shapely.geometry import Point, Polygon, box
 
-from conftest import REPO_ROOT
+from conftest import BUNDLE_ROOT, REPO_ROOT
 
 APP_DIR = REPO_ROOT / "apps" / "promptnucseg"
 sys.path.insert(0, str(APP_DIR))
@@ -48,7 +48,8 @@ from scripts.segmentor.build import build_segmentor  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-TILE = "train_10_000"
+TILE = "sample_tile"
+SAMPLE_TILE = BUNDLE_ROOT / "sample_data" / "images" / "TCGA-CH-5767-01Z-00-DX1_x300_y600.png"
 CLASS_NAMES = {k: v["name"] for k, v in load_class_table().items()}
 CLASS_COLORS = {v["name"]: list(v["color"]) for v in load_class_table().values()}
 MAX_REGION_AREA = 70000  # > one 256 x 256 tile, < the 512 x 512 mosaic
@@ -56,8 +57,12 @@ TIMEOUT = 120
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-def _tile_path(shared_data: Path) -> Path:
-    return shared_data / "consep_train" / "Images" / f"{TILE}.jpg"
+@pytest.fixture(scope="module")
+def tile_path(tmp_path_factory) -> Path:
+    """A bundle sample tile (256 px, 40x H&E) as the JPEG a studies folder typically holds."""
+    path = tmp_path_factory.mktemp("tile") / f"{TILE}.jpg"
+    Image.open(SAMPLE_TILE).convert("RGB").save(path, quality=95)
+    return path
 
 
 def _random_model(path: Path, image: np.ndarray) -> Path:
@@ -91,7 +96,7 @@ def model_is_trained(request) -> bool:
 
 
 @pytest.fixture(scope="module")
-def model_file(request, tmp_path_factory, shared_data) -> Path:
+def model_file(request, tmp_path_factory, tile_path) -> Path:
     """A copy of the shared trained test model when conftest has one, else a random one (see above); a copy
     because the trainer test overwrites it."""
     path = tmp_path_factory.mktemp("model") / "model.pt"
@@ -99,13 +104,13 @@ def model_file(request, tmp_path_factory, shared_data) -> Path:
     if trained is not None:
         shutil.copy(trained, path)
     else:
-        _random_model(path, read_image(_tile_path(shared_data)))
+        _random_model(path, read_image(tile_path))
     return path
 
 
 @pytest.fixture(scope="module")
-def tile(shared_data) -> np.ndarray:
-    return read_image(_tile_path(shared_data))
+def tile(tile_path) -> np.ndarray:
+    return read_image(tile_path)
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +141,12 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, shared_data, model_file, tile) -> Server:
+def server(tmp_path_factory, tile_path, model_file, tile) -> Server:
     """``monailabel start_server`` on 127.0.0.1:<free port> with the app, two studies and the test model."""
     root = tmp_path_factory.mktemp("monailabel")
     studies = root / "studies"
     studies.mkdir()
-    shutil.copy(_tile_path(shared_data), studies / f"{TILE}.jpg")
+    shutil.copy(tile_path, studies / f"{TILE}.jpg")
     Image.fromarray(np.tile(tile, (2, 2, 1))).save(studies / "mosaic.png")  # 512 x 512: above max_region_area
     Image.fromarray(tile).save(root / "outside.png")
     (root / "tmp").mkdir()
@@ -617,25 +622,25 @@ def test_region_resolution():
     assert resolve_region({}, 300, 200, 10**6, around=clicks, context=16) == Region(0, 4, 57, 43)
 
 
-def test_qupath_labels_become_the_folder_dataset(tmp_path, shared_data):
+def test_qupath_labels_become_the_folder_dataset(tmp_path, tile_path):
     inst, types = _square_labels()
     label = tmp_path / f"{TILE}.xml"
     label.write_text(_qupath_label(inst, types))
     assert [o.name for o in read_asap_outlines(label)] == [CLASS_NAMES[k % 4 + 1] for k in range(5)]
     ids = {n: k for k, n in CLASS_NAMES.items()}
-    stems = write_folder_dataset([{"image": str(_tile_path(shared_data)), "label": str(label)}], tmp_path / "ds", ids)
+    stems = write_folder_dataset([{"image": str(tile_path), "label": str(label)}], tmp_path / "ds", ids)
     assert stems == [TILE]
     got_inst = np.load(tmp_path / "ds" / "labels" / f"{TILE}.npy")
     got_types = np.load(tmp_path / "ds" / "labels" / f"{TILE}_type.npy")
     np.testing.assert_array_equal(got_inst, inst)  # exact: outlines on pixel corners, centres filled
     np.testing.assert_array_equal(got_types, types)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "ds" / "images" / f"{TILE}.png")),
-                          read_image(_tile_path(shared_data)))
+                          read_image(tile_path))
     # a whole slide: only the box around the outlines (+ margin) is cut out
     assert label_region(read_asap_outlines(label), 20000, 20000, 32, 4096**2, "x") == Region(0, 8, 244, 238)
     label.write_text(_qupath_label(inst, types).replace('Name="Other"', 'Name="Tumour"', 1))
     with pytest.raises(ValueError, match="Tumour"):
-        write_folder_dataset([{"image": str(_tile_path(shared_data)), "label": str(label)}], tmp_path / "ds", ids)
+        write_folder_dataset([{"image": str(tile_path), "label": str(label)}], tmp_path / "ds", ids)
 
 
 def test_training_from_a_submitted_label_publishes_a_new_model(server):

@@ -8,14 +8,15 @@ import torch
 from monai.data import MetaTensor
 from skimage.color.colorconv import hed_from_rgb
 
+from conftest import BUNDLE_ROOT
 from scripts.data.readers.common import read_image
 from scripts.data.stain import RandHEStaind, jitter_stains
 
 
 @pytest.fixture(scope="module")
-def tile(shared_data) -> np.ndarray:
-    """A real CoNSeP H&E tile, (3, 256, 256) float32 in [0, 255]."""
-    image = read_image(shared_data / "consep_train" / "Images" / "train_10_000.jpg")
+def tile() -> np.ndarray:
+    """A real H&E tile (a bundle sample tile, MoNuSeg), (3, 256, 256) float32 in [0, 255]."""
+    image = read_image(BUNDLE_ROOT / "sample_data" / "images" / "TCGA-CH-5767-01Z-00-DX1_x300_y600.png")
     return np.moveaxis(image, -1, 0).astype(np.float32)
 
 

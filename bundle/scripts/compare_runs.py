@@ -10,7 +10,11 @@ parameters whose value differs between the runs that have them (all of them with
 run; ``-`` where a run has no such parameter or metric), then the last
 value of every epoch-level metric (validation ``pq``, ``f1_det``, ..., loss terms, evaluation figures) and the
 best validation value (``best_pq``, ``best_f1_det``). The plot has one panel per curve metric (default ``pq``
-and ``f1_det``) with one line per run, epoch on the x axis.
+and ``f1_det``) with one line per run, epoch on the x axis; a curve metric that no run logged is named in a
+warning that lists the metrics the runs have.
+
+The store is only read: a ``sqlite`` URI whose database file does not exist, or an ``http(s)`` server that does
+not answer, is an error naming it (MLflow would create an empty database, or retry for minutes).
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pandas as pd
 
-__all__ = ["load_runs", "comparison_table", "plot_curves", "main"]
+__all__ = ["check_store", "load_runs", "comparison_table", "plot_curves", "missing_curves", "main"]
 
 DEFAULT_URI = "sqlite:///runs/train/mlflow.db"
 DEFAULT_CURVES = ("pq", "f1_det")
@@ -33,15 +39,41 @@ FIRST_METRICS = ("pq", "best_pq", "f1_det", "best_f1_det", "mpq", "bpq", "aji", 
                  "precision_det", "recall_det", "best_epoch", "loss")
 
 
+def check_store(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Refuse a store that cannot be read as it is: a ``sqlite:///<path>`` whose database file does not exist
+    (MLflow would create an empty one), an ``http(s)`` server that does not answer within ``timeout`` seconds.
+
+    Raises:
+        ValueError: naming the database file or the server.
+    """
+    scheme = urlparse(tracking_uri).scheme
+    if scheme == "sqlite":
+        path = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else ""
+        if path in ("", ":memory:"):
+            raise ValueError(f"tracking_uri {tracking_uri} names no database file")
+        if not Path(path).is_file():
+            raise ValueError(f"no MLflow database {Path(path).resolve()} (tracking_uri {tracking_uri}); "
+                             f"point --tracking_uri at the mlflow.db of a training, e.g. {DEFAULT_URI}")
+    elif scheme in ("http", "https"):
+        from scripts.training.tracking import tracking_problem
+
+        problem = tracking_problem(tracking_uri, timeout)
+        if problem:
+            raise ValueError(f"tracking_uri: {problem}")
+
+
 def load_runs(tracking_uri: str, experiment: str, stage: str | None = None, filter_string: str | None = None,
               max_runs: int = 50) -> pd.DataFrame:
     """The runs of ``experiment`` as a frame like ``mlflow.search_runs``'s (``run_id``, ``status``, ``params.*``,
     ``metrics.*`` (last values), ``tags.*``), oldest first, optionally of one ``stage`` tag.
 
     Raises:
-        ValueError: the experiment does not exist (the message lists the experiments of ``tracking_uri``).
+        ValueError: the store does not exist or answer (:func:`check_store`); the experiment does not exist (the
+            message lists the experiments of ``tracking_uri``).
     """
     import mlflow
+
+    check_store(tracking_uri)
 
     client = mlflow.MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
@@ -98,9 +130,24 @@ def comparison_table(runs: pd.DataFrame, all_params: bool = False) -> pd.DataFra
     return table.fillna("-")
 
 
+def missing_curves(runs: pd.DataFrame, metrics: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The metrics of ``metrics`` that no run of ``runs`` logged, and (sorted) the metrics the runs have."""
+    have = sorted(c[len("metrics."):] for c in runs.columns
+                  if c.startswith("metrics.") and not runs[c].isna().all())
+    return [m for m in metrics if m not in have], have
+
+
 def plot_curves(tracking_uri: str, runs: pd.DataFrame, path: str | os.PathLike,
                 metrics: Sequence[str] = DEFAULT_CURVES) -> Path:
-    """PNG with one panel per metric in ``metrics`` and one line per run (value against epoch). Returns ``path``."""
+    """PNG with one panel per metric in ``metrics`` and one line per run (value against epoch). Returns ``path``.
+
+    A metric that no run logged (a typo, another stage's) keeps its empty panel and is named in a warning on
+    stderr that lists the metrics the runs have.
+    """
+    missing, have = missing_curves(runs, metrics)
+    if missing:
+        print(f"warning: no run logged {', '.join(repr(m) for m in missing)}; their panels are empty. Metrics of "
+              f"these runs: {', '.join(have) or 'none'}", file=sys.stderr)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +193,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--plot", default=None, help="PNG path of the curves (default compare_<experiment>.png)")
     args = parser.parse_args(argv)
 
-    runs = load_runs(args.tracking_uri, args.experiment, args.stage, args.filter, args.max_runs)
+    try:
+        runs = load_runs(args.tracking_uri, args.experiment, args.stage, args.filter, args.max_runs)
+    except ValueError as error:
+        parser.error(str(error))
     if runs.empty:
         print(f"no runs in experiment {args.experiment!r} at {args.tracking_uri} matching the filters")
         return pd.DataFrame()

@@ -7,16 +7,22 @@ the training (resume, warm start) and the pipeline (model export) alike.
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["STATE_KEYS", "load_checkpoint", "state_dict_in"]
+__all__ = ["STATE_KEYS", "DamagedCheckpointError", "load_checkpoint", "state_dict_in"]
 
 STATE_KEYS = ("state_dict", "model", "network", "segmentor", "prompter", "net")
 """Entries under which a checkpoint may hold the network weights, in the order they are looked for."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be read (truncated, overwritten, not a ``torch.save`` file)."""
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -24,11 +30,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
     Raises:
         FileNotFoundError: naming the missing file.
+        DamagedCheckpointError: naming the file that ``torch.load`` could not read (e.g. a truncated one), with
+            PyTorch's reason.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
+            IndexError) as error:  # what torch.load raises on a truncated or foreign file
+        reason = (str(error).strip().splitlines() or [""])[0].split(". ")[0] or "no detail"
+        raise DamagedCheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {reason})") from error
 
 
 def state_dict_in(payload: Any, source: str) -> dict[str, Any]:

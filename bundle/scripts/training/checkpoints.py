@@ -1,8 +1,10 @@
 """Atomic checkpoints, best-model tracking and resume for the training engines.
 
 ``last.pt`` (everything needed to resume: network, optimizer, scheduler, trainer counters, best metric) is
-rewritten atomically after every epoch; ``best.pt`` (network weights and the metric) when the validation key
-metric improves. A killed training loses at most the epoch in progress. The file-level helpers (atomic save,
+rewritten atomically after every epoch, the previous one kept as ``last.prev.pt`` (rotated before the new one is
+written); ``best.pt`` (network weights and the metric) when the validation key metric improves. A killed training
+loses at most the epoch in progress; a damaged ``last.pt`` (a full disk, a copy cut short) is named in a warning,
+set aside as ``last.damaged.pt`` and the training resumes from ``last.prev.pt``. The file-level helpers (atomic save,
 safe load, the weights inside a checkpoint) are in :mod:`scripts.io.atomic` and :mod:`scripts.io.checkpoints`.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,23 @@ from monai.apps.utils import get_logger
 from monai.networks.utils import copy_model_state
 
 from scripts.io.atomic import atomic_torch_save
-from scripts.io.checkpoints import load_checkpoint, state_dict_in
+from scripts.io.checkpoints import DamagedCheckpointError, load_checkpoint, state_dict_in
+from scripts.parse import as_bool
 
 logger = get_logger("scripts.training.checkpoints")
 
 LAST_NAME = "last.pt"
+PREV_NAME = "last.prev.pt"
+DAMAGED_NAME = "last.damaged.pt"
 BEST_NAME = "best.pt"
+
+_ATTACHED: "weakref.WeakKeyDictionary[Engine, TrainingCheckpointer]" = weakref.WeakKeyDictionary()
+
+
+def checkpointer_of(engine: Engine) -> "TrainingCheckpointer | None":
+    """The :class:`TrainingCheckpointer` attached to ``engine`` (the stage's checkpoint folder, what it resumed
+    from), or None; read by the MLflow run of the stage (:mod:`scripts.training.tracking_run`)."""
+    return _ATTACHED.get(engine)
 
 
 def warm_start(model: torch.nn.Module, checkpoint: str | os.PathLike | None) -> torch.nn.Module:
@@ -88,7 +102,9 @@ class TrainingCheckpointer:
         network_key: the entry of ``save_dict`` stored in ``best.pt``.
         key_metric: name in ``evaluator.state.metrics`` deciding the best model (higher is better).
         evaluator: the validation engine; without it ``best.pt`` follows ``last.pt``.
-        resume: load ``save_dir/last.pt`` when the trainer starts, if it exists.
+        resume: load ``save_dir/last.pt`` (or, when that is damaged, ``last.prev.pt``) when the trainer starts, if
+            it exists; a bool or a boolean word (``"false"``, ``"0"``...; anything else is an error naming
+            ``resume``).
         extra: plain values stored in every checkpoint (e.g. the network's construction arguments).
     """
 
@@ -102,7 +118,7 @@ class TrainingCheckpointer:
         network_key: str = "network",
         key_metric: str | None = None,
         evaluator: Engine | None = None,
-        resume: bool = True,
+        resume: bool | str = True,
         extra: dict | None = None,
     ) -> None:
         self.save_dir = Path(save_dir)
@@ -110,9 +126,11 @@ class TrainingCheckpointer:
         self.network_key = network_key
         self.key_metric = key_metric
         self.evaluator = evaluator
-        self.resume = resume
+        self.resume = as_bool(resume, "resume")
         self.extra = dict(extra or {})
         self.best = BestMetric()
+        self.resumed_from: Path | None = None
+        """The checkpoint the training resumed from (set at ``STARTED``), None for a fresh start."""
 
     def other_ranks(self) -> "ResumeOnly":
         """What ranks > 0 attach instead: the loading half (resume from ``last.pt``, never save)."""
@@ -123,22 +141,60 @@ class TrainingCheckpointer:
         return self.save_dir / LAST_NAME
 
     @property
+    def prev_path(self) -> Path:
+        return self.save_dir / PREV_NAME
+
+    @property
     def best_path(self) -> Path:
         return self.save_dir / BEST_NAME
 
     def attach(self, engine: Engine) -> None:
+        _ATTACHED[engine] = self
         if self.resume:
             engine.add_event_handler(Events.STARTED, self._load_last)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
 
+    def _readable_last(self) -> tuple[Path, dict] | None:
+        """The newest readable resume checkpoint (``last.pt``, else ``last.prev.pt``) and its content; None when
+        neither exists. A damaged one is named in a warning; when ``last.prev.pt`` is used instead of a damaged
+        ``last.pt``, that is renamed ``last.damaged.pt`` (so that the next save does not rotate it over the good
+        ``last.prev.pt``).
+
+        Raises:
+            RuntimeError: every existing one is damaged (the message names them and what to do).
+        """
+        damaged: list[Path] = []
+        for path in (self.last_path, self.prev_path):
+            try:
+                state = load_checkpoint(path)
+            except FileNotFoundError:
+                continue
+            except DamagedCheckpointError as error:
+                damaged.append(path)
+                logger.warning(str(error))
+                continue
+            if self.last_path in damaged:
+                try:
+                    os.replace(self.last_path, self.save_dir / DAMAGED_NAME)
+                except FileNotFoundError:  # another rank set it aside first
+                    pass
+                logger.warning(f"resuming from the previous checkpoint {path} instead; the damaged "
+                               f"{self.last_path} is kept as {self.save_dir / DAMAGED_NAME}")
+            return path, state
+        if damaged:
+            raise RuntimeError(f"cannot resume the training: {' and '.join(map(str, damaged))} cannot be read "
+                               f"(damaged or truncated); delete them to start afresh, or set --resume false")
+        return None
+
     def _load_last(self, engine: Engine) -> None:
-        if not self.last_path.is_file():
+        found = self._readable_last()
+        if found is None:
             return
-        state = load_checkpoint(self.last_path)
+        path, state = found
         max_epochs = engine.state.max_epochs
         for key, obj in self.save_dict.items():
             if key not in state:
-                raise KeyError(f"{self.last_path}: no '{key}' entry to resume from")
+                raise KeyError(f"{path}: no '{key}' entry to resume from")
             obj.load_state_dict(state[key])
         self.best.load_state_dict(state["best_metric"])
         if self.evaluator is not None and self.best.epoch >= 0:  # so its "Key metric ... best value" log agrees
@@ -147,8 +203,9 @@ class TrainingCheckpointer:
         engine.state.epoch = int(state["trainer"]["epoch"])
         engine.state.iteration = int(state["trainer"]["iteration"])
         engine.state.max_epochs = max_epochs
-        logger.info("resumed from %s at epoch %d (best %s = %.4f)", self.last_path, engine.state.epoch,
-                           self.key_metric, self.best.value)
+        self.resumed_from = path
+        logger.info("resumed from %s at epoch %d (best %s = %.4f)", path, engine.state.epoch,
+                    self.key_metric, self.best.value)
         if engine.state.epoch >= max_epochs:
             logger.info("training already reached max_epochs=%d; nothing to do", max_epochs)
             engine.terminate()
@@ -169,7 +226,23 @@ class TrainingCheckpointer:
         state["trainer"] = {"epoch": epoch, "iteration": engine.state.iteration}
         state["best_metric"] = self.best.state_dict()
         state.update(self.extra)
+        self._rotate_last()
         atomic_torch_save(state, self.last_path)
+
+    def _rotate_last(self) -> None:
+        """``last.pt`` -> ``last.prev.pt`` atomically, ``last.pt`` staying in place (a hard link renamed over
+        ``last.prev.pt``; where links are not supported, ``last.pt`` is renamed): at every moment a complete
+        checkpoint is on disk."""
+        if not self.last_path.is_file():
+            return
+        link = self.save_dir / f".{PREV_NAME}.link"
+        link.unlink(missing_ok=True)
+        try:
+            os.link(self.last_path, link)
+            os.replace(link, self.prev_path)
+        except OSError:
+            link.unlink(missing_ok=True)
+            os.replace(self.last_path, self.prev_path)
 
     def _current_metric(self, epoch: int) -> float | None:
         if self.evaluator is None or self.key_metric is None:

@@ -10,6 +10,7 @@ from typing import Any
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
+from scripts.training.checkpoints import checkpointer_of
 from scripts.training.distributed import get_world_size, is_rank_zero
 from scripts.training.tracking import merged
 from scripts.training.tracking_run import StageRun
@@ -21,7 +22,9 @@ class StageTrackingHook:
     """The ``train#handlers`` hook, attached to one stage's trainer.
 
     Each ``MLFlowHandler`` in ``handlers`` (put there by ``--tracking``) becomes a :class:`StageRun` for this
-    stage with its settings, on rank 0 only; any other handler is attached as it is. With no handlers
+    stage with its settings, on rank 0 only, given the stage's
+    :class:`scripts.training.checkpoints.TrainingCheckpointer` (attached before this hook) for its ``best.pt``
+    artifact and its resume; any other handler is attached as it is. With no handlers
     (no ``--tracking``) it does nothing. In a multi-process training the hook runs on rank 0 only
     (:attr:`rank_zero_only`, read by :func:`scripts.training.distributed.rank_zero_handlers`).
 
@@ -56,6 +59,6 @@ class StageTrackingHook:
                 continue
             params = {**self.params, "world_size": get_world_size()}
             run = StageRun.from_handler(handler, self.stage, params=params, tags=self.tags, evaluator=self.evaluator,
-                                        class_table=self.class_table)
+                                        class_table=self.class_table, checkpointer=checkpointer_of(engine))
             run.attach(engine)
             self.runs.append(run)

@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events
 from monai.apps.utils import get_logger
 from monai.handlers import MLFlowHandler
 
+from scripts.training.checkpoints import TrainingCheckpointer
 from scripts.training.tracking import (
     DEFAULT_EXPERIMENT,
     HTTP_DEFAULTS,
@@ -39,7 +40,13 @@ class StageRun(MLFlowHandler):
     ``engine.state.metrics`` (``loss_*``) and, when ``evaluator`` ran that epoch, its metrics (``f1_det``,
     ``pq``, ...) with the epoch as step; at ``COMPLETED`` ``best_<key metric>``/``best_epoch``, the
     ``artifacts`` files (under ``config/``) and an overlay (truth | prediction) of the first image of the last
-    validation (under ``overlays/``), then the run is finished. A run left open by a crash is marked ``FAILED`` at exit.
+    validation (under ``overlays/``) and, with a ``checkpointer``, the stage's ``best.pt`` (under ``checkpoints/``:
+    with the other stage's, :func:`scripts.pipeline.model_file.export_model` makes the model file from MLflow
+    alone), then the run is finished. A run left open by a crash is marked ``FAILED`` at exit; one left ``RUNNING``
+    by a killed process (no exit handler ran) is marked ``KILLED`` when the training resumes: at ``STARTED``, after
+    the checkpointer resumed from its ``last.pt``, the earlier ``RUNNING`` runs of the same experiment, ``stage``
+    and ``output_dir`` tag (the checkpoint folder, added by every run with a checkpointer) are set ``KILLED`` and
+    the new run, tagged ``resumed_from`` (the checkpoint) and ``resumed_runs`` (their ids), continues the curves.
 
     Args:
         stage: ``prompter``, ``segmentor`` or ``evaluation`` (tag ``stage``, run-name suffix).
@@ -54,6 +61,8 @@ class StageRun(MLFlowHandler):
             (``configs/metadata.json``).
         iteration_log, epoch_log, artifact_location: as ``MLFlowHandler``.
         timeout: seconds to wait for a tracking server's answer up front.
+        checkpointer: the stage's :class:`scripts.training.checkpoints.TrainingCheckpointer` (attached before this
+            run): ``output_dir`` tag, ``best.pt`` artifact, earlier runs of a resumed training marked ``KILLED``.
 
     For an ``http(s)`` URI the MLflow request retries are bounded (``scripts.training.tracking.HTTP_DEFAULTS``,
     unless the ``MLFLOW_HTTP_REQUEST_*`` variables are set), so a server that disappears mid-run costs seconds, not
@@ -76,6 +85,7 @@ class StageRun(MLFlowHandler):
         epoch_log: bool | Callable = True,
         artifact_location: str | None = None,
         timeout: float = 5.0,
+        checkpointer: TrainingCheckpointer | None = None,
     ) -> None:
         super().__init__(
             tracking_uri=tracking_uri,
@@ -93,6 +103,9 @@ class StageRun(MLFlowHandler):
         self.stage = stage
         self.tags = {**{k: str(v) for k, v in (tags or {}).items()}, "stage": stage, "session": SESSION}
         self.evaluator = evaluator
+        self.checkpointer = checkpointer
+        if checkpointer is not None:
+            self.tags["output_dir"] = str(checkpointer.save_dir.expanduser().resolve())
         self.overlay = overlay
         self.class_table = class_table
         self.tracking_uri = self.client.tracking_uri
@@ -173,6 +186,24 @@ class StageRun(MLFlowHandler):
             params.update(max_epochs=engine.state.max_epochs, epoch_length=engine.state.epoch_length)
         self._log_params(params_of(params))
         logger.info(f"MLflow run {self.run_id} ({name}) in experiment {self.experiment_name!r} at {self.tracking_uri}")
+        if self.checkpointer is not None and self.checkpointer.resumed_from is not None:
+            self._end_killed_runs(self.checkpointer.resumed_from)
+
+    def _end_killed_runs(self, resumed_from: Path) -> None:
+        """Mark ``KILLED`` the earlier runs of this experiment, stage and ``output_dir`` still ``RUNNING`` (their
+        process was killed: the training now resumes from ``resumed_from``); tag this run with them."""
+        found = self.client.search_runs([self.experiment.experiment_id],
+                                        filter_string=f"tags.stage = '{self.stage}' and attributes.status = 'RUNNING'",
+                                        max_results=1000)
+        killed = [run.info.run_id for run in found if run.info.run_id != self.run_id
+                  and run.data.tags.get("output_dir") == self.tags["output_dir"]]
+        for run_id in killed:
+            self.client.set_terminated(run_id, "KILLED")
+        self.client.set_tag(self.run_id, "resumed_from", str(resumed_from))
+        if killed:
+            self.client.set_tag(self.run_id, "resumed_runs", ",".join(killed))
+            logger.info(f"MLflow runs {', '.join(killed)} of the killed {self.stage} training marked KILLED; "
+                        f"run {self.run_id} continues from {resumed_from}")
 
     def close(self) -> None:
         run_id = self.run_id
@@ -217,6 +248,8 @@ class StageRun(MLFlowHandler):
         if best_name and best is not None and getattr(state, "best_metric_epoch", -1) > 0:
             self.log_metrics({f"best_{best_name}": best, "best_epoch": state.best_metric_epoch})
         self.log_files(artifact_files(self.artifacts), "config")
+        if self.checkpointer is not None and self.checkpointer.best_path.is_file():
+            self.log_files([self.checkpointer.best_path], "checkpoints")
         if self._sample is not None:
             image, output = self._sample
             name = str(output.get("name", "validation")).replace(os.sep, "_")
