@@ -233,7 +233,7 @@ def test_atomic_writes_replace_whole_files_or_nothing(tmp_path):
 def test_a_model_without_classes_writes_every_nucleus_unclassified(tmp_path):
     """An untyped model's class table is empty: its class ids (all 1) are no class, not the bundle's "Other"."""
     from scripts.io.measurements import instance_polygons, nucleus_table
-    from scripts.io.writers import write_geojson
+    from scripts.io.writers import UNCLASSIFIED_COLOR, write_geojson, write_overlay
 
     inst = np.zeros((20, 20), np.int32)
     inst[2:8, 2:8], inst[10:16, 10:16] = 1, 2
@@ -241,5 +241,8 @@ def test_a_model_without_classes_writes_every_nucleus_unclassified(tmp_path):
     assert [row["class"] for row in table] == [0, 0] and [row["class_name"] for row in table] == [None, None]
     features = json.loads(write_geojson(tmp_path / "a.geojson", instance_polygons(inst), table, {}).read_text())
     assert all("classification" not in f["properties"] for f in features["features"])
+    image = np.full((20, 20, 3), 200, np.uint8)
+    overlay = np.asarray(Image.open(write_overlay(tmp_path / "a.png", image, inst, (inst > 0).astype(np.int32), {})))
+    assert (overlay[2, 2] == UNCLASSIFIED_COLOR).all()
     with pytest.raises(ValueError, match="class 1 is not in the class table"):
         nucleus_table(inst, classes={1: 1, 2: 1}, class_table={2: {"name": "x", "color": [1, 2, 3]}})

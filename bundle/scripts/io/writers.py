@@ -265,13 +265,16 @@ def overlay_image(
         image: RGB uint8 (H, W, 3).
         inst_map: int (H, W), 0 = background.
         classes: a type map (H, W) of class ids, or nucleus id -> class id, or None (all ``unclassified_color``).
-        class_table: ``{class_id: {"name", "color": [r, g, b]}}``.
+        class_table: ``{class_id: {"name", "color": [r, g, b]}}``; empty (a model trained without classes): every
+            outline ``unclassified_color``.
         max_size: if set, the longer side of the result in pixels (image and labels are downscaled first; a
             thumbnail for slides).
 
     Raises:
-        ValueError: a wrong image type or shape, or a class id missing from ``class_table``.
+        ValueError: a wrong image type or shape, or a class id missing from a non-empty ``class_table``.
     """
+    if not class_table:
+        classes = None
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be RGB uint8 (H, W, 3), got {image.dtype} {image.shape}")
     if inst_map.shape != image.shape[:2]:
