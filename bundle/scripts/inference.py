@@ -161,12 +161,13 @@ def run_inference(
     slide_options = slide_options or SlideOptions()
     summary, failures = InferenceSummary(), {}
     for path in files:
-        if not overwrite and outputs_complete(path, out, save_label_maps, slide_options.min_slide_side):
-            summary.skipped.append(str(path))
+        whole_slide = is_whole_slide(path, slide_options.min_slide_side)
+        if not overwrite and all(p.is_file() for p in expected_outputs(path, out, whole_slide, save_label_maps)):
+            summary.skipped.append(str(path))  # every output is written atomically: present means whole
             continue
         start = time.perf_counter()
         try:
-            if is_whole_slide(path, slide_options.min_slide_side):
+            if whole_slide:
                 outputs, count = segment_slide(network, path, out, class_table, slide_options)
             else:
                 outputs, count = segment_image_file(network, path, out, class_table, save_label_maps)
@@ -183,19 +184,10 @@ def run_inference(
     return summary
 
 
-def expected_outputs(path: Path, output_dir: Path, save_label_maps: bool = True, min_slide_side: int = 8192
-                     ) -> list[Path]:
-    """The files :func:`run_inference` writes for the input ``path``."""
-    if is_whole_slide(path, min_slide_side):
-        suffixes = (".geojson", ".csv", "_overlay.png")
-    else:
-        suffixes = (("_inst.tif", "_type.tif") if save_label_maps else ()) + (".geojson", ".csv", "_overlay.png")
-    return [output_dir / f"{path.stem}{suffix}" for suffix in suffixes]
-
-
-def outputs_complete(path: Path, output_dir: Path, save_label_maps: bool = True, min_slide_side: int = 8192) -> bool:
-    """Whether every output of ``path`` is in ``output_dir`` (each is written atomically: present means whole)."""
-    return all(p.is_file() for p in expected_outputs(path, output_dir, save_label_maps, min_slide_side))
+def expected_outputs(path: Path, output_dir: Path, whole_slide: bool, save_label_maps: bool = True) -> list[Path]:
+    """The files :func:`run_inference` writes for the input ``path`` (label maps for images only, the overlay last)."""
+    label_maps = ("_inst.tif", "_type.tif") if save_label_maps and not whole_slide else ()
+    return [output_dir / f"{path.stem}{suffix}" for suffix in (*label_maps, ".geojson", ".csv", "_overlay.png")]
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
