@@ -24,7 +24,7 @@ test: $(STAMP)
 results: demo
 	$(PY) benchmarks/quality.py --work /tmp/quality
 	$(PY) benchmarks/ablation_inference.py --work /tmp/ablation_inference
-	$(PY) benchmarks/speed_vs_hovernet.py --tiles 16
+	$(PY) benchmarks/speed_vs_hovernet.py --threads 1 --compile
 	$(PY) benchmarks/results_page.py --demo_dir demo_output
 
 clean:

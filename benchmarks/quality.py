@@ -73,12 +73,14 @@ def markdown(results: dict, model: Path, command: str, unseen: list[str]) -> str
         f"Command: `{command}` ({trained} model, {machine()['cpu']}). Model: `{shown}`.",
         "Images the training never saw: the default training's validation split (MoNuSeg: 3 of the 13 shared",
         "images; CoNSeP: 5 of its 27 images = 80 tiles), scored by `configs/evaluate.json` (definitions in",
-        "[metrics.md](metrics.md)). The 20x rows resample the same images to half size; with",
-        "`--pipeline#input_scale 2` the pipeline is told the magnification and resamples them back to the model's 40x.",
+        "[metrics.md](metrics.md)). The 20x rows resample the same images to half size. \"This model\" runs with its",
+        "defaults: `input_scale auto` finds the scale from the nuclei (scripts/pipeline/scale.py); with",
+        "`--pipeline#input_scale 2` the pipeline is told the magnification, with `input_scale 1` it is kept from",
+        "resampling (the images as they are).",
         f"\"Sites not in training\": {', '.join(unseen) or 'none'}, the held-out MoNuSeg images from TCGA "
         "tissue-source",
-        "sites (hospitals, hence their staining) that no training image comes from; their 20x rows, without",
-        "`input_scale`, are another source and another magnification at once. All TCGA slides were scanned by the same",
+        "sites (hospitals, hence their staining) that no training image comes from; their 20x rows are another",
+        "source and another magnification at once. All TCGA slides were scanned by the same",
         "project, so this is a partial proxy for a new lab; no H&E from another dataset is on this machine.",
         "",
         "| data | method | PQ | DQ | SQ | AJI | AJI+ | F1 det. | nuclei (true / predicted) |",
@@ -161,6 +163,8 @@ def main() -> None:
         if "input_scale" in spec:  # the user says the magnification: the pipeline resamples to the model's 40x
             methods[f"PromptNucSeg, input_scale {spec['input_scale']:g} (resampled to 40x)"] = [
                 *METHODS["PromptNucSeg (this model)"], "--pipeline#input_scale", str(spec["input_scale"])]
+            methods["PromptNucSeg, input_scale 1 (as is, not resampled)"] = [
+                *METHODS["PromptNucSeg (this model)"], "--pipeline#input_scale", "1"]
         for method, method_args in methods.items():
             out = Path(args.work) / (f"{spec['folder']}_{spec['scale']}_{method_args[1]}_{method_args[-1]}"
                                      + ("_unseen_sites" if images else ""))

@@ -1,6 +1,6 @@
 """Assemble ``docs/results.md`` from the sections the benchmarks write to ``docs/results/``.
 
-``quality.py`` -> ``docs/results/quality.md``, ``speed_vs_hovernet.py`` -> ``docs/results/speed.md`` (and its plots),
+``quality.py`` -> ``docs/results/quality.md``, ``speed_vs_hovernet.py`` -> ``docs/results/speed.md``,
 ``ablation_negative_prompts.py`` -> ``docs/benchmarks/negative_prompts.md`` (linked). Sections missing on disk are
 listed as not yet measured, never invented.
 
@@ -36,6 +36,8 @@ LINKED = [
     ("benchmarks/segmentor.md", "segmentor variants: encoder and decoder cost"),
     ("benchmarks/prompter.md", "prompter backbones: cost"),
     ("benchmarks/pipeline.md", "pipeline stages, outputs and a 4096 px slide: time and memory"),
+    ("benchmarks/assembly.md", "inference assembly: ours vs the official code's, `min_area`, a ViT on large images "
+     "(shipped model, real data; vit_tiny, synthetic)"),
     ("results/gpu.md", "on a GPU (H200): same nuclei as on the CPU, time per tile next to HoVer-Net, training on CUDA"),
     ("default_model.md", "how the default CPU model was chosen and trained"),
 ]

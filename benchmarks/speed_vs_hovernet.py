@@ -1,301 +1,519 @@
-"""Speed on this CPU: PromptNucSeg next to MONAI's HoVer-Net, the floating-point bound, and how time grows.
+"""Speed on this CPU through ``run inference``: PromptNucSeg next to MONAI's HoVer-Net, per stage, and each lever.
 
-1. Per 256 px tile, on the same real H&E tiles (CoNSeP tiles held out by the default training's split; MoNuSeg
-   crops without the shared data), in one process, alternating tile by tile:
-   - PromptNucSeg end to end (``PromptNucSeg.forward``: prompter, prompt decoding + NMS, image encoder, mask
-     decoder batched over the tile's prompts, stitching) and each stage; and end to end with the prompter's
-     test-time augmentation (``prompter_tta``: 8 prompter passes);
-   - ``monai.networks.nets.HoVerNet`` (fast mode, 4 CoNSeP classes, batch 1; weights random: its time does not
-     depend on them) plus MONAI's ``HoVerNetInstanceMapPostProcessingd`` and ``HoVerNetNuclearTypePostProcessingd``
-     run on the tile's ground truth turned into HoVer-Net outputs (``ComputeHoVerMaps``), so that the watershed
-     sees real nuclei. Fast mode outputs only the central 164 px of its 256 px input, so a slide needs 2.4x more
-     HoVer-Net tiles than 256 px tiles; the table reports time per input tile and per output megapixel.
-2. The floating-point bound: FLOPs of each stage (``torch.utils.flop_counter.FlopCounterMode``) divided by this
-   machine's dense fp32 matmul rate (best of 2048 x 2048 ``torch.mm``).
-3. Growth: mask-decoder and tile time against the number of prompts in a tile (10-150, points from the tile's
-   ground truth, then random points), and end-to-end time against image size (256-4096 px H&E mosaics).
+1. Per 256 px tile, what the user runs: the bundle's ``inference`` command (``scripts.inference.main_inference``, the
+   network built from ``configs/inference.json`` by ``monai.bundle.ConfigParser`` as the command builds it, default
+   options, all five outputs written) over folders of PNG tiles, against ``monai.networks.nets.HoVerNet`` (fast
+   mode, 4 CoNSeP classes, batch 1; random weights: its time does not depend on them) plus MONAI's
+   ``HoVerNetInstanceMapPostProcessingd`` and ``HoVerNetNuclearTypePostProcessingd`` on the tile's ground truth made
+   into HoVer-Net outputs (``ComputeHoVerMaps``, so that the watershed sees real nuclei). One process, alternating
+   blocks of tiles (HoVer-Net on a block, then ``run inference`` on the same block), so that the load of this shared
+   machine hits both; medians over the blocks. The tiles are the held-out CoNSeP tiles of typical density (at least
+   ``--min_nuclei`` ground-truth nuclei: the tiles of sparse stroma and glass left out).
+2. Where the time goes: the same tiles through ``run inference`` one by one, its outputs written in the loop
+   (``write_ahead 0``), every stage timed (prompter, prompt decoding, image encoder, mask decoder, stitching, each
+   writer); medians per tile. Next to each stage its FLOPs (``torch.utils.flop_counter``) over this machine's dense
+   matmul rate (``torch.mm`` of 2048 x 2048, in the stage's precision): the time the arithmetic alone would take.
+3. The levers, one at a time: ``run inference`` with the default options against the same with one lever changed,
+   alternating blocks of tiles in the same run; and for those that change numerics, the held-out quality (the
+   ``evaluating`` command on the validation split of CoNSeP and MoNuSeg), with the lever and without.
+4. ``torch.compile`` of the mask decoder (``--compile``, minutes): its compile time and the decoder's time after.
 
-The model is ``bundle/models/model.pt`` (``--model`` for another, ``--random`` for the default architecture with
-random weights calibrated to about 40 prompts per tile). Writes ``docs/results/speed.md`` and two plots.
+Threads: ``torch.set_num_threads(--threads)`` (default 1, for both methods: the machine is shared with a training).
+Writes ``docs/results/speed.md``.
 
-    .venv/bin/python benchmarks/speed_vs_hovernet.py [--tiles 16] [--threads 2] [--max_size 4096] [--quick]
+    .venv/bin/python benchmarks/speed_vs_hovernet.py [--threads 1] [--min_nuclei 30] [--block 8] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
+import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import (DOCS, HOVERNET_OUT, MODEL, REPO, SHARED_DATA, TILE, HoverNetRunner, Stopwatch, he_crops,
-                    instrumented, machine, random_model_file, slide_mosaic)
-from scripts.pipeline.model_file import load_model
-from scripts.inference import image_tensor
+from common import (BUNDLE, DOCS, MODEL, REPO, SHARED_DATA, TILE, HoverNetRunner, Stopwatch, evaluate, instrumented,
+                    machine)
 from scripts.data.records import NucleusRecord
+from scripts.inference import image_tensor
+from scripts.pipeline.options import PipelineOptions
 from scripts.segmentor.net import decode_at_points
+
+QUALITY_SETS = {"consep_train": "CoNSeP", "monuseg_train": "MoNuSeg"}  # held-out validation of the default split
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def eval_tiles(count: int) -> tuple[list[NucleusRecord], str]:
-    """``count`` 256 px H&E tiles with ground truth: held-out CoNSeP tiles, else MoNuSeg-free synthetic tiles."""
+def typical_tiles(min_nuclei: int, limit: int | None = None) -> tuple[list[NucleusRecord], str]:
+    """Held-out CoNSeP 256 px tiles (validation split of the default training) with at least ``min_nuclei``
+    ground-truth nuclei; without the shared data, synthetic tiles of 40 nuclei."""
     consep = SHARED_DATA / "consep_train"
     if consep.is_dir():
         from scripts.evaluation.scoring import list_dataset
 
-        items = list_dataset([str(consep), str(SHARED_DATA / "monuseg_train")], "auto", "val", 0.2, 0)
-        tiles = [it.load() for it in items if not it.name.startswith("TCGA")]
-        step = max(1, len(tiles) // count)
-        chosen = tiles[::step][:count]
-        return chosen, f"{len(chosen)} CoNSeP 256 px tiles held out by the default training's split (every {step}th)"
+        items = list_dataset(str(consep), "auto", "val", 0.2, 0)
+        records = [it.load() for it in items]
+        chosen = [r for r in records if _nuclei(r) >= min_nuclei][:limit]
+        counts = [_nuclei(r) for r in chosen]
+        return chosen, (f"the {len(chosen)} held-out CoNSeP 256 px tiles (of {len(records)}) with at least "
+                        f"{min_nuclei} ground-truth nuclei (median {statistics.median(counts):.0f}, "
+                        f"{min(counts)}-{max(counts)})")
     from scripts.data.synthetic import make_synthetic_record
 
+    count = limit or 16
     records = [make_synthetic_record((TILE, TILE), n_nuclei=40, num_classes=4, seed=k) for k in range(count)]
-    return records, f"{count} synthetic 256 px tiles (no shared data)"
+    return records, f"{count} synthetic 256 px tiles of 40 nuclei (no shared data)"
 
 
-def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
-    """Best dense fp32 matmul rate of this machine, GFLOP/s (``torch.mm`` of two size x size matrices)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def _nuclei(record: NucleusRecord) -> int:
+    return int(np.count_nonzero(np.unique(record.inst_map)))
+
+
+def write_blocks(records: list[NucleusRecord], root: Path, block: int) -> list[Path]:
+    """The tiles as PNG files, ``block`` per folder under ``root``; the folders."""
+    folders = []
+    for start in range(0, len(records), block):
+        folder = root / f"block{start // block:02d}"
+        folder.mkdir(parents=True)
+        for k, record in enumerate(records[start : start + block]):
+            Image.fromarray(record.image).save(folder / f"tile{start + k:03d}.png")
+        folders.append(folder)
+    return folders
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def build_network(model: Path, pipeline: dict | None = None):
+    """The ``network`` of ``configs/inference.json`` built as ``run inference`` builds it, with ``--pipeline#key
+    value`` overrides ``pipeline``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser["bundle_root"] = str(BUNDLE)
+    parser["model_path"] = str(model)
+    parser["device"] = "$torch.device('cpu')"
+    for key, value in (pipeline or {}).items():
+        parser[f"pipeline#{key}"] = value
+    return parser.get_parsed_content("network")
+
+
+def run_command(network, folder: Path, out: Path, write_ahead: int | None = None) -> float:
+    """Wall seconds of the ``inference`` command's entry point over ``folder`` (outputs in a fresh ``out``);
+    ``write_ahead``: that argument of ``run_inference`` (None: the command's own, ``main_inference``)."""
+    from scripts.inference import main_inference, run_inference
+
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    if write_ahead is None:
+        main_inference(network, str(out), input_dir=str(folder))
+    else:
+        run_inference(network, str(out), input_dir=str(folder), write_ahead=write_ahead)
+    return time.perf_counter() - start
+
+
+def tiles_in(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.png"))
+
+
+# ---------------------------------------------------------------------------------------------- 1. against HoVer-Net
+def against_hovernet(network, hovernet: HoverNetRunner, folders: list[Path], records: list[NucleusRecord],
+                     block: int, work: Path, rounds: int) -> dict:
+    """Per tile seconds: ``run inference`` per block / tiles in it, HoVer-Net network and post-processing per tile,
+    alternating block by block (after one warm-up of each); ``folders[k]`` holds ``records[k * block:][:block]``."""
+    run_command(network, folders[0], work / "warmup")
+    hovernet.forward(records[0].image)
+    ours: list[float] = []
+    hv_net, hv_post = [], []
+    for _ in range(rounds):
+        for k, folder in enumerate(folders):
+            block_records = records[k * block : (k + 1) * block]
+            for record in block_records:
+                start = time.perf_counter()
+                hovernet.forward(record.image)
+                hv_net.append(time.perf_counter() - start)
+                outputs = hovernet.outputs_from_truth(record)
+                start = time.perf_counter()
+                hovernet.postprocess(outputs)
+                hv_post.append(time.perf_counter() - start)
+            ours.append(run_command(network, folder, work / "out") / len(block_records))
+    return {"ours": statistics.median(ours), "ours_blocks": ours, "hv_network": statistics.median(hv_net),
+            "hv_post": statistics.median(hv_post),
+            "hv_total": statistics.median([a + b for a, b in zip(hv_net, hv_post)]), "blocks": len(ours)}
+
+
+# ---------------------------------------------------------------------------------------------- 2. per stage
+WRITERS = {"read_image": "read the tile", "write_label_maps": "label maps (2 TIFF)",
+           "nucleus_table": "measurements (table)", "instance_polygons": "polygons",
+           "write_geojson": "GeoJSON", "write_csv": "CSV", "write_overlay": "overlay PNG"}
+NETWORK_STAGES = ["prompter network", "prompt decoding + NMS", "encoder", "decoder", "stitching"]
+
+
+@contextlib.contextmanager
+def writers_timed(watch: Stopwatch) -> Iterator[None]:
+    """Time the functions ``scripts.inference`` reads and writes with (:data:`WRITERS`) while in the block."""
+    import scripts.inference as inference
+
+    originals = {name: getattr(inference, name) for name in WRITERS}
+    for name, label in WRITERS.items():
+        setattr(inference, name, watch.wrap(label, originals[name]))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(inference, name, fn)
+
+
+def stage_times(network, records_folders: list[Path], work: Path, rounds: int = 1) -> dict:
+    """Median seconds per tile of each stage (network and writers) and in all, each tile its own ``run_inference``
+    call with the outputs written in the loop; and the median nuclei per tile."""
+    from scripts.inference import run_inference
+
+    files = [p for f in records_folders for p in tiles_in(f)]
+    watches, nuclei = [], []
+    for _ in range(rounds):
+        for path in files:
+            watch = Stopwatch()
+            with instrumented(network, watch), writers_timed(watch), watch.section("total"):
+                summary = run_inference(network, str(work / "stages"), input_file=str(path), overwrite=True,
+                                        write_ahead=0)
+            watches.append(watch)
+            nuclei.append(summary.nuclei[str(path)])
+    names = NETWORK_STAGES + list(WRITERS.values()) + ["total"]
+    med = {name: statistics.median(w.seconds[name] for w in watches) for name in names}
+    med["network, other"] = statistics.median(
+        w.seconds["total"] - sum(w.seconds[n] for n in names if n != "total") for w in watches)
+    return {"median": med, "nuclei": statistics.median(nuclei), "tiles": len(files)}
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best dense matmul rate of this machine in ``dtype``, GFLOP/s (``torch.mm`` of two size x size matrices)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     best = min(Stopwatch().repeat("mm", lambda: torch.mm(a, b), repeats, warmup=1))
     return 2 * size**3 / best / 1e9
 
 
-def flops(fn) -> float:
+def flops(fn: Callable) -> float:
     """Floating-point operations of ``fn()`` (multiply-add = 2), counted by PyTorch."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
 
 
-# ---------------------------------------------------------------------------------------------- measurements
-def time_tiles(network, hovernet: HoverNetRunner, tiles: list[NucleusRecord], network_tta=None) -> dict:
-    """Per tile seconds of each stage of both methods, alternating tile by tile (after one warm-up of each); with
-    ``network_tta`` (the model with prompter test-time augmentation), its end-to-end seconds too."""
-    network(image_tensor(tiles[0].image))
-    hovernet.forward(tiles[0].image)
-    if network_tta is not None:
-        network_tta(image_tensor(tiles[0].image))
-    ours: list[Stopwatch] = []  # one per tile: the pieces of one pipeline call
-    whole = Stopwatch()  # a run per tile: HoVer-Net's "network" and "post-processing", our pipeline with TTA "tta"
-    prompts: list[int] = []
-    for record in tiles:
-        watch = Stopwatch()
-        tensor = image_tensor(record.image)
-        with instrumented(network, watch), watch.section("total"):
-            result = network(tensor)
-        ours.append(watch)
-        prompts.append(int(len(result["classes"])))
-        whole.time("network", hovernet.forward, record.image)
-        outputs = hovernet.outputs_from_truth(record)
-        whole.time("post-processing", hovernet.postprocess, outputs)
-        if network_tta is not None:
-            whole.time("tta", network_tta, tensor)
-    stages = ["prompter network", "prompt decoding + NMS", "encoder", "decoder", "stitching", "total"]
-    return {
-        "ours": {s: statistics.median(w.seconds[s] for w in ours) for s in stages},
-        "ours_mean_total": statistics.mean(w.seconds["total"] for w in ours),
-        "hovernet": {k: whole.median(k) for k in ("network", "post-processing")},
-        "hovernet_mean_total": statistics.mean(a + b for a, b in zip(whole.runs["network"],
-                                                                     whole.runs["post-processing"])),
-        "nuclei_median": statistics.median(prompts),
-        "tta_total": whole.median("tta") if whole.runs["tta"] else None,
-    }
-
-
 @torch.no_grad()
 def stage_flops(network, hovernet: HoverNetRunner, record: NucleusRecord, prompts: int) -> dict:
-    """FLOPs per 256 px tile: prompter, encoder, decoder at ``prompts`` prompts (with 1 negative each), HoVer-Net."""
+    """FLOPs per 256 px tile: prompter, encoder, mask decoder at ``prompts`` prompts (one negative each, the
+    pipeline's ``decoder_tokens``), HoVer-Net."""
     tensor = image_tensor(record.image)[None]
-    embedding = network.segmentor.encode(tensor)
-    points = torch.rand(prompts, 2, 2) * TILE
+    embedding = network.segmentor.encode(tensor)[0]
+    points = torch.rand(prompts, 2, 2, generator=torch.Generator().manual_seed(0)) * TILE
     labels = torch.tensor([[1, 0]]).expand(prompts, 2)
+    tokens = network.options.decoder_tokens
     return {
-        "prompter": flops(lambda: network.prompter(tensor)),
+        "prompter network": flops(lambda: network.prompter(tensor)),
         "encoder": flops(lambda: network.segmentor.encode(tensor)),
-        "decoder": flops(lambda: _decode(network, embedding, points, labels)),
+        "decoder": flops(lambda: decode_at_points(network.segmentor, embedding, points, labels, tokens=tokens)),
         "hovernet": flops(lambda: hovernet.forward(record.image)),
     }
 
 
-def _decode(network, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor):
-    return decode_at_points(network.segmentor, embedding[0], points, labels)
+# ---------------------------------------------------------------------------------------------- 3. levers
+@dataclass
+class Lever:
+    """One lever: the default against the default with ``pipeline`` options changed, ``write_ahead`` changed, or
+    a module constant ``patch`` ((module, name, value)) set while the variant runs."""
+
+    name: str
+    what: str
+    pipeline: dict = field(default_factory=dict)
+    write_ahead: int | None = None
+    patch: tuple | None = None
+    numerics: bool = False  # changes the outputs: quality measured with and without
 
 
-@torch.no_grad()
-def decoder_scaling(network, record: NucleusRecord, counts: list[int], repeats: int = 3) -> list[dict]:
-    """Mask-decoder seconds for ``counts`` prompts on one tile (one positive + one negative point each)."""
-    embedding = network.segmentor.encode(image_tensor(record.image)[None])
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for n in counts:
-        points = torch.rand(n, 2, 2, generator=generator) * TILE
-        labels = torch.tensor([[1, 0]]).expand(n, 2)
-        runs = Stopwatch().repeat("decoder", lambda: _decode(network, embedding, points, labels), repeats, warmup=1)
-        rows.append({"prompts": n, "decoder_s": min(runs)})
+def levers(network) -> list[Lever]:
+    """The levers measured, each against the defaults of ``network`` (so each row says what that lever is worth
+    now)."""
+    from scripts.inference import WRITE_AHEAD
+    from scripts.io.writers import OVERLAY_PNG_LEVEL
+
+    defaults = network.options
+    full_window = defaults.decoder_tokens is None
+    bf16 = network.dtype(network.prompter) == torch.bfloat16
+    rows = [
+        Lever("writing on a background thread", f"write_ahead {WRITE_AHEAD} vs 0 (outputs written before the next "
+              "tile starts)", write_ahead=0),
+        Lever("overlay PNG compression", f"zlib level {OVERLAY_PNG_LEVEL} vs PIL's default 6",
+              patch=("scripts.io.writers", "OVERLAY_PNG_LEVEL", 6)),
+        Lever("bfloat16", f"--pipeline#precision {defaults.precision} ({'bfloat16' if bf16 else 'float32'} here) vs "
+              f"{'float32' if bf16 else 'bfloat16'}: prompter and encoder under torch.autocast, mask decoder in "
+              "bfloat16", pipeline={"precision": "float32" if bf16 else "bfloat16"}, numerics=True),
+        Lever("decoder tokens", f"--pipeline#decoder_tokens {defaults.decoder_tokens} vs "
+              f"{16 if full_window else 'None (the whole 24 x 24 window)'}",
+              pipeline={"decoder_tokens": 16 if full_window else None}, numerics=True),
+        Lever("channels-last images", "the prompter's and the encoder's input in channels-last memory vs "
+              "channels-first", patch=("scripts.pipeline.promptnucseg", "CHANNELS_LAST_ON_CPU", False)),
+        Lever("decoder chunk", f"--pipeline#chunk_size 16 vs {defaults.chunk_size} prompts per decoder call",
+              pipeline={"chunk_size": 16}),
+    ]
+    if defaults.input_scale == "auto":  # the scale chosen per image from its nuclei: a second pass on some tiles
+        rows.append(Lever("automatic input scale", "--pipeline#input_scale auto vs 1.0 (these tiles are 40x)",
+                          pipeline={"input_scale": 1.0}, numerics=True))
     return rows
 
 
+@contextlib.contextmanager
+def patched(patch: tuple | None) -> Iterator[None]:
+    if patch is None:
+        yield
+        return
+    import importlib
+
+    module = importlib.import_module(patch[0])
+    original = getattr(module, patch[1])
+    setattr(module, patch[1], patch[2])
+    try:
+        yield
+    finally:
+        setattr(module, patch[1], original)
+
+
+def measure_lever(lever: Lever, default_net, model: Path, folders: list[Path], work: Path, rounds: int) -> dict:
+    """Median seconds per tile of ``run inference`` with the defaults and with ``lever``, alternating blocks."""
+    from scripts.inference import WRITE_AHEAD
+
+    variant_net = build_network(model, lever.pipeline) if lever.pipeline else default_net
+    runs: dict[str, list[float]] = {"default": [], "lever": []}
+    run_command(variant_net, folders[0], work / "warmup", WRITE_AHEAD)
+    for _ in range(rounds):
+        for folder in folders:
+            n = len(tiles_in(folder))
+            runs["default"].append(run_command(default_net, folder, work / "out", WRITE_AHEAD) / n)
+            write_ahead = WRITE_AHEAD if lever.write_ahead is None else lever.write_ahead
+            with patched(lever.patch):
+                runs["lever"].append(run_command(variant_net, folder, work / "out", write_ahead) / n)
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def lever_quality(lever: Lever, model: Path, work: Path) -> dict[str, dict]:
+    """Held-out PQ / mPQ of the ``evaluating`` command with the lever's options, per dataset."""
+    args = [arg for key, value in lever.pipeline.items() for arg in (f"--pipeline#{key}", str(value))]
+    name = "_".join(f"{k}-{v}" for k, v in lever.pipeline.items()) or "default"
+    return {folder: evaluate(folder, 1.0, args, model, work / f"{name}_{folder}") for folder in QUALITY_SETS}
+
+
+# ---------------------------------------------------------------------------------------------- 4. torch.compile
 @torch.no_grad()
-def size_scaling(network, sizes: list[int]) -> list[dict]:
-    """End-to-end seconds of the pipeline on H&E images of each size (crops or mosaics of MoNuSeg images)."""
-    rows = []
-    for size in sizes:
-        image = (he_crops(size, 1, seed=size)[0] if size <= 1000
-                 else slide_mosaic(size, block=512, tissue=1.0, holes=0.0))
-        tensor = image_tensor(image)
-        watch = Stopwatch()
-        result = watch.time("pipeline", network, tensor)
-        rows.append({"size": size, "seconds": watch.seconds["pipeline"], "nuclei": int(len(result["classes"]))})
-        print(f"  {size} px: {rows[-1]['seconds']:.2f} s, {rows[-1]['nuclei']} nuclei", flush=True)
-    return rows
+def compiled_decoder(network, record: NucleusRecord, repeats: int = 5) -> dict:
+    """Seconds to compile the mask decoder (``torch.compile`` of ``Segmentor.predict_mask``, dynamic shapes, first
+    call) and the decoder's time on one tile's prompts before and after (the pipeline's tokens and precision)."""
+    import copy
+
+    from scripts.pipeline.promptnucseg import negative_prompts
+
+    prompts = network.find_prompts(image_tensor(record.image))
+    coords, labels = negative_prompts(prompts["points"], None, network.options.num_neg)
+    embedding = network.embed(image_tensor(record.image), prompts["points"])
+    eager = network.segmentor
+    compiled = copy.deepcopy(eager)
+    compiled.predict_mask = torch.compile(compiled.predict_mask, dynamic=True)
+    tokens, dtype = network.options.decoder_tokens, network.dtype(eager)
+
+    def decode(segmentor):
+        return decode_at_points(segmentor, embedding, coords, labels, tokens=tokens, dtype=dtype)
+
+    start = time.perf_counter()
+    try:
+        decode(compiled)
+    except Exception as error:  # reported, not fatal: the eager pipeline is what ships
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+    compile_s = time.perf_counter() - start
+    watch = Stopwatch()
+    for _ in range(repeats):
+        watch.time("eager", decode, eager)
+        watch.time("compiled", decode, compiled)
+    return {"compile_s": compile_s, "eager": watch.median("eager"), "compiled": watch.median("compiled"),
+            "prompts": len(coords)}
 
 
 # ---------------------------------------------------------------------------------------------- report
-def plots(decoder_rows: list[dict], size_rows: list[dict], tile_total: float, out_dir: Path) -> list[str]:
-    import matplotlib
+def markdown(info: dict, command: str, model_note: str, tiles_note: str, options: PipelineOptions, bf16: bool,
+             main: dict, stages: dict, fl: dict, rates: dict, lever_rows: list[tuple[Lever, dict, dict | None]],
+             compiled: dict | None, block: int) -> str:
+    """The page; ``bf16``: the networks ran in bfloat16 (the FLOP bound then uses the bfloat16 matmul rate)."""
+    speedup = main["hv_total"] / main["ours"]
+    med = stages["median"]
+    rate = rates["bfloat16" if bf16 else "float32"]
+    precision = "bf16" if bf16 else "fp32"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def bound(stage: str) -> str:
+        return f"{fl[stage] / 1e9:.2f} | {fl[stage] / 1e9 / rate:.3f}" if stage in fl else "– | –"
 
-    names = []
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.plot([r["prompts"] for r in decoder_rows], [1000 * r["decoder_s"] for r in decoder_rows], "o-")
-    ax.set_xlabel("prompts (nuclei) in a 256 px tile")
-    ax.set_ylabel("mask decoder, ms per tile")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "speed_vs_nuclei.png", dpi=110)
-    names.append("speed_vs_nuclei.png")
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    mpx = [r["size"] ** 2 / 1e6 for r in size_rows]
-    ax.loglog(mpx, [r["seconds"] for r in size_rows], "o-", label="measured")
-    ax.loglog(mpx, [tile_total * m * 1e6 / TILE**2 for m in mpx], "--", label="tile time x area")
-    ax.set_xlabel("image size, megapixels")
-    ax.set_ylabel("seconds end to end")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out_dir / "speed_vs_size.png", dpi=110)
-    names.append("speed_vs_size.png")
-    plt.close("all")
-    return names
-
-
-def markdown(info: dict, model_note: str, tiles_note: str, t: dict, fl: dict, rate: float, dec: list[dict],
-             sizes: list[dict], pictures: list[str], command: str) -> str:
-    ours, hv = t["ours"], t["hovernet"]
-    hv_total = hv["network"] + hv["post-processing"]
-    speedup = hv_total / ours["total"]
-    out_mpx_ours = TILE**2 / 1e6
-    out_mpx_hv = HOVERNET_OUT**2 / 1e6
+    network_total = sum(med[s] for s in NETWORK_STAGES) + med["network, other"]
+    writing_total = sum(med[label] for label in WRITERS.values())
     lines = [
         "## Speed on this CPU",
         "",
         f"Command: `{command}` ({info['date']}).",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}; "
-        f"load average {info['load'][0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
-        f"Model: {model_note}. Tiles: {tiles_note}; median {t['nuclei_median']:.0f} nuclei found per tile.",
+        f"Machine: {info['cpu']}, {info['cores']} cores, **{info['threads']} torch thread** for both methods "
+        f"(the machine is shared with a training), torch {info['torch']}; load average {info['load'][0]:.1f} at "
+        f"the start, {os.getloadavg()[0]:.1f} at the end.",
+        f"Model: {model_note}; the pipeline's defaults (`{_options_note(options)}`; precision here: "
+        f"{precision.replace('bf16', 'bfloat16').replace('fp32', 'float32')}).",
+        f"Tiles: {tiles_note}; median {stages['nuclei']:.0f} nuclei found per tile.",
         "",
-        f"**PromptNucSeg is {speedup:.1f}x faster than MONAI's HoVer-Net per 256 px tile** (medians, same process, "
-        "same tiles, alternating), and "
-        f"{(hv_total / out_mpx_hv) / (ours['total'] / out_mpx_ours):.1f}x per output megapixel.",
+        f"**Through `run inference`, all five outputs written, PromptNucSeg takes {main['ours']:.3f} s per 256 px "
+        f"tile against {main['hv_total']:.3f} s for MONAI's HoVer-Net (fast mode) with its post-processing: "
+        f"{speedup:.1f}x faster** (medians over {main['blocks']} blocks of up to {block} tiles, the two methods "
+        "alternating block by block in one process).",
         "",
-        "| method / stage | s per 256 px tile (median) | GFLOP | GFLOP / matmul rate (s) |",
-        "|---|---|---|---|",
-        f"| PromptNucSeg, end to end | {ours['total']:.3f} "
-        f"| {(fl['prompter'] + fl['encoder'] + fl['decoder']) / 1e9:.1f} "
-        f"| {(fl['prompter'] + fl['encoder'] + fl['decoder']) / 1e9 / rate:.3f} |",
-        f"| &nbsp; prompter network | {ours['prompter network']:.3f} | {fl['prompter'] / 1e9:.1f} "
-        f"| {fl['prompter'] / 1e9 / rate:.3f} |",
-        f"| &nbsp; prompt decoding + NMS | {ours['prompt decoding + NMS']:.3f} | – | – |",
-        f"| &nbsp; segmentor image encoder | {ours['encoder']:.3f} | {fl['encoder'] / 1e9:.1f} "
-        f"| {fl['encoder'] / 1e9 / rate:.3f} |",
-        f"| &nbsp; mask decoder ({t['nuclei_median']:.0f} prompts) | {ours['decoder']:.3f} "
-        f"| {fl['decoder'] / 1e9:.1f} | "
-        f"{fl['decoder'] / 1e9 / rate:.3f} |",
-        f"| &nbsp; stitching | {ours['stitching']:.3f} | – | – |",
-        *([f"| PromptNucSeg with prompter TTA (`--pipeline#prompter_tta true`, 8 prompter passes), end to end | "
-           f"{t['tta_total']:.3f} | – | – |"] if t.get("tta_total") else []),
-        f"| HoVer-Net (fast), end to end | {hv_total:.3f} | {fl['hovernet'] / 1e9:.1f} "
-        f"| {fl['hovernet'] / 1e9 / rate:.3f} |",
-        f"| &nbsp; network | {hv['network']:.3f} | {fl['hovernet'] / 1e9:.1f} | {fl['hovernet'] / 1e9 / rate:.3f} |",
-        f"| &nbsp; post-processing (MONAI) | {hv['post-processing']:.3f} | – | – |",
-        "",
-        f"Dense fp32 matmul rate measured here: {rate:.0f} GFLOP/s (2048 x 2048 `torch.mm`, best of 5). Means: "
-        f"PromptNucSeg {t['ours_mean_total']:.3f} s, HoVer-Net {t['hovernet_mean_total']:.3f} s per tile. "
-        "The decoder's "
-        "FLOPs are counted at the median prompt count with one negative point per prompt. The last column is the "
-        "time the counted FLOPs would take at the `torch.mm` rate: a floor for matmul-bound stages (the mask "
-        "decoder: many small matmuls run far from it), not for convolutions, which oneDNN runs faster than that "
-        "rate here (HoVer-Net's network).",
-        "",
-        "### Time against nuclei per tile",
-        "",
-        "| prompts in the tile | mask decoder (s) |",
+        "| method | s per 256 px tile (median) |",
         "|---|---|",
-        *[f"| {r['prompts']} | {r['decoder_s']:.3f} |" for r in dec],
+        f"| PromptNucSeg, `run inference` (read, segment, write TIFF x2, GeoJSON, CSV, overlay) | {main['ours']:.3f} |",
+        f"| HoVer-Net (fast), network + MONAI post-processing | {main['hv_total']:.3f} |",
+        f"| &nbsp; network | {main['hv_network']:.3f} |",
+        f"| &nbsp; post-processing | {main['hv_post']:.3f} |",
         "",
-        f"![decoder time against nuclei](results/{pictures[0]})",
+        "### Where the time goes",
         "",
-        "### Time against image size",
+        f"Each tile through `run_inference` alone, its outputs written in the loop (`write_ahead 0`), every stage "
+        f"timed; medians over {stages['tiles']} tiles. GFLOP at the median nuclei count; the last column is that "
+        f"work at this machine's dense {precision} matmul rate ({rate:.0f} GFLOP/s, 2048 x 2048 `torch.mm`, one "
+        f"thread; fp32 {rates['float32']:.0f}, bf16 {rates['bfloat16']:.0f}): a floor for matmul-bound work, "
+        "not reached by the many small matmuls and memory-bound steps of the mask decoder.",
         "",
-        "| image (px) | end to end (s) | nuclei | s per 256 px of area |",
+        "| stage | s per tile (median) | GFLOP | GFLOP / matmul rate (s) |",
         "|---|---|---|---|",
-        *[f"| {r['size']} x {r['size']} | {r['seconds']:.2f} | {r['nuclei']} "
-          f"| {r['seconds'] / (r['size'] ** 2 / TILE**2):.3f} |"
-          for r in sizes],
+        f"| network (`PromptNucSeg.forward`) | {network_total:.3f} | "
+        f"{sum(fl[s] for s in ('prompter network', 'encoder', 'decoder')) / 1e9:.2f} | "
+        f"{sum(fl[s] for s in ('prompter network', 'encoder', 'decoder')) / 1e9 / rate:.3f} |",
+        f"| &nbsp; prompter network | {med['prompter network']:.3f} | {bound('prompter network')} |",
+        f"| &nbsp; prompt decoding + NMS | {med['prompt decoding + NMS']:.3f} | – | – |",
+        f"| &nbsp; segmentor image encoder | {med['encoder']:.3f} | {bound('encoder')} |",
+        f"| &nbsp; mask decoder ({stages['nuclei']:.0f} prompts) | {med['decoder']:.3f} | {bound('decoder')} |",
+        f"| &nbsp; stitching (painting, one region per nucleus) | {med['stitching']:.3f} | – | – |",
+        f"| &nbsp; the rest (windows, negatives, glue) | {med['network, other']:.3f} | – | – |",
+        f"| writing the outputs | {writing_total:.3f} | – | – |",
+        *[f"| &nbsp; {label} | {med[label]:.3f} | – | – |" for label in WRITERS.values()],
+        f"| one tile, in all | {med['total']:.3f} | – | – |",
+        f"| HoVer-Net network, for scale | {main['hv_network']:.3f} | {fl['hovernet'] / 1e9:.1f} "
+        f"| {fl['hovernet'] / 1e9 / rates['float32']:.3f} (fp32) |",
         "",
-        f"![end-to-end time against image size](results/{pictures[1]})",
+        "In the folder runs of the first table the writing overlaps the next tile's segmentation (a background "
+        "thread), so a tile there costs less than the sum of these stages.",
         "",
+        "### The levers",
+        "",
+        "Each lever against the defaults above, alternating blocks of tiles in the same run (medians per tile); "
+        "for levers that change the outputs, held-out PQ (the `evaluating` command on the validation split of the "
+        "default training: 80 CoNSeP tiles, 3 MoNuSeg images) with the defaults and with the lever.",
+        "",
+        "| lever | compared | defaults (s / tile) | with the lever (s / tile) | defaults / lever | PQ CoNSeP "
+        "(mPQ) | PQ MoNuSeg |",
+        "|---|---|---|---|---|---|---|",
     ]
+    for lever, t, quality in lever_rows:
+        q_cells = "– | –"
+        if quality is not None:
+            cells = []
+            for folder in QUALITY_SETS:
+                d, v = quality["default"][folder], quality["lever"][folder]
+                mpq = f" ({d['mpq']:.4f} → {v['mpq']:.4f})" if d.get("mpq") is not None else ""
+                cells.append(f"{d['pq']:.4f} → {v['pq']:.4f}{mpq}")
+            q_cells = " | ".join(cells)
+        lines.append(f"| {lever.name} | {lever.what} | {t['default']:.3f} | {t['lever']:.3f} | "
+                     f"{t['default'] / t['lever']:.2f} | {q_cells} |")
+    lines += ["", "Not measured here: int8 prompter by PyTorch's PT2E quantization (`torch.ao.quantization."
+              "quantize_pt2e` is no longer in torch 2.14; it moved to `torchao`, which this project does not install) "
+              "and ONNX Runtime (not installed either); both also need the prompter exported or compiled first."]
+    if compiled and "error" in compiled:
+        lines += ["", f"`torch.compile` of the mask decoder failed here: {compiled['error']}."]
+    elif compiled:
+        lines += [
+            "",
+            f"`torch.compile` of the mask decoder (`Segmentor.predict_mask`, Inductor, dynamic shapes; not used): "
+            f"compiling took {compiled['compile_s']:.0f} s, paid again by every new process, and the decoder then "
+            f"ran in {compiled['compiled']:.3f} s instead of {compiled['eager']:.3f} s on a tile of "
+            f"{compiled['prompts']} prompts.",
+        ]
+    lines.append("")
     return "\n".join(lines)
+
+
+def _options_note(options: PipelineOptions) -> str:
+    """The options that set the speed, and any other that differs from :class:`PipelineOptions`'s defaults."""
+    shown = ("decoder_tokens", "precision", "chunk_size", "input_scale")
+    fields = PipelineOptions.__dataclass_fields__
+    return ", ".join(f"{k} {v}" for k, v in vars(options).items() if k in shown or fields[k].default != v)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(MODEL))
-    parser.add_argument("--random", action="store_true", help="random weights of the default architecture")
-    parser.add_argument("--tiles", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max_size", type=int, default=4096)
-    parser.add_argument("--quick", action="store_true", help="4 tiles, sizes up to 1024 (smoke run)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--min_nuclei", type=int, default=30, help="ground-truth nuclei a benchmark tile has at least")
+    parser.add_argument("--block", type=int, default=8, help="tiles per block (per `run inference` call)")
+    parser.add_argument("--rounds", type=int, default=1, help="passes over the tiles for the HoVer-Net comparison")
+    parser.add_argument("--lever_tiles", type=int, default=8, help="tiles per lever comparison (2 rounds)")
+    parser.add_argument("--no_quality", action="store_true", help="skip the held-out PQ of the numerics levers")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the mask decoder")
+    parser.add_argument("--quick", action="store_true", help="8 tiles, no quality (smoke run)")
     parser.add_argument("--output", default=str(DOCS / "results" / "speed.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    logging.getLogger("scripts.inference").setLevel(logging.WARNING)
     info = {**machine(args.threads), "date": datetime.now().strftime("%Y-%m-%d %H:%M")}
-    tiles, tiles_note = eval_tiles(4 if args.quick else args.tiles)
-    if args.random:
-        model_path = random_model_file(Path(tempfile.mkdtemp()) / "model.pt", he_crops(1000, 1)[0],
-                                       variant="conv_small")
-        model_note = "default architecture, random weights (prompter calibrated to ~40 prompts per tile)"
-    else:
-        model_path = Path(args.model)
-        if not model_path.is_file():
-            raise SystemExit(f"model file not found: {model_path} (train and export one, or pass --random)")
-        model_note = f"`{model_path.relative_to(REPO) if model_path.is_relative_to(REPO) else model_path}`"
-    network = load_model(model_path, "cpu")
-    hovernet = HoverNetRunner()
     print(f"machine: {info}", flush=True)
-    timing = time_tiles(network, hovernet, tiles, load_model(model_path, "cpu", prompter_tta=True))
-    print(f"per tile: ours {timing['ours']}, HoVer-Net {timing['hovernet']}", flush=True)
-    rate = matmul_gflops(args.threads)
-    fl = stage_flops(network, hovernet, tiles[0], int(round(timing["nuclei_median"])) or 1)
-    dec = decoder_scaling(network, tiles[0], [10, 20, 40, 80, 150])
-    sizes = [s for s in (256, 512, 1024, 2048, 4096) if s <= (1024 if args.quick else args.max_size)]
-    size_rows = size_scaling(network, sizes)
+    model = Path(args.model)
+    if not model.is_file():
+        raise SystemExit(f"model file not found: {model}")
+    model_note = f"`{model.relative_to(REPO) if model.is_relative_to(REPO) else model}`"
+    records, tiles_note = typical_tiles(args.min_nuclei, 8 if args.quick else None)
+    work = Path(tempfile.mkdtemp(prefix="speed_"))
+    try:
+        folders = write_blocks(records, work / "tiles", args.block)
+        network = build_network(model)
+        hovernet = HoverNetRunner()
+        main_t = against_hovernet(network, hovernet, folders, records, args.block, work, args.rounds)
+        print(f"per tile: ours {main_t['ours']:.3f} s, HoVer-Net {main_t['hv_total']:.3f} s", flush=True)
+        stages = stage_times(network, folders, work)
+        print(f"stages: {stages}", flush=True)
+        rates = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
+        fl = stage_flops(network, hovernet, records[0], int(round(stages["nuclei"])) or 1)
+        lever_folders = write_blocks(records[: args.lever_tiles], work / "lever_tiles", max(1, args.block // 2))
+        rows = []
+        default_quality = None
+        for lever in levers(network):
+            t = measure_lever(lever, network, model, lever_folders, work, rounds=2)
+            quality = None
+            if lever.numerics and not (args.no_quality or args.quick):
+                if default_quality is None:
+                    default_quality = lever_quality(Lever("default", ""), model, work / "quality")
+                quality = {"default": default_quality, "lever": lever_quality(lever, model, work / "quality")}
+            rows.append((lever, t, quality))
+            print(f"{lever.name}: {t} {quality and {k: {f: m['pq'] for f, m in v.items()} for k, v in quality.items()}}",
+                  flush=True)
+        compiled = compiled_decoder(network, records[0]) if args.compile else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    command = " ".join(["python benchmarks/speed_vs_hovernet.py", *sys.argv[1:]])
+    bf16 = network.dtype(network.prompter) == torch.bfloat16
+    text = markdown(info, command, model_note, tiles_note, network.options, bf16, main_t, stages, fl, rates, rows,
+                    compiled, args.block)
+    print(text)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pictures = plots(dec, size_rows, timing["ours"]["total"], out.parent)  # linked from docs/results.md
-    command = " ".join(["python benchmarks/speed_vs_hovernet.py", *sys.argv[1:]])
-    text = markdown(info, model_note, tiles_note, timing, fl, rate, dec, size_rows, pictures, command)
-    print(text)
     out.write_text(text)
     print(f"written: {out}")
 

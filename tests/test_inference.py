@@ -27,6 +27,7 @@ from shapely.geometry import shape
 from conftest import REPO_ROOT, bundle_env, run_bundle
 from scripts.io import wsi
 from scripts.pipeline.model_file import load_model
+from scripts.pipeline.promptnucseg import PromptNucSeg
 from scripts.inference import (InferenceFailures, SlideOptions, image_tensor, is_whole_slide, run_inference,
                                segment_image_file)
 from scripts.io.measurements import TABLE_COLUMNS, instance_polygons
@@ -208,7 +209,9 @@ def test_blank_tile_gives_empty_outputs_not_an_error(tmp_path, model_file):
     assert summary.nuclei == {str(blank): 0}
     assert check_image_outputs(out, "blank", (256, 256)) == 0
     assert not tifffile.imread(out / "blank_inst.tif").any()
-    assert json.loads((out / "blank.geojson").read_text()) == {"type": "FeatureCollection", "features": []}
+    collection = json.loads((out / "blank.geojson").read_text())
+    assert (collection["type"], collection["features"]) == ("FeatureCollection", [])
+    assert collection["properties"]["scale_source"] == "default"  # no nuclei: nothing to resample for
     assert (out / "blank.csv").read_text().strip() == ",".join(TABLE_COLUMNS)
     overlay = np.asarray(Image.open(out / "blank_overlay.png"))
     assert (overlay == 255).all()  # the image itself, no contour
@@ -361,6 +364,33 @@ def test_cohort_on_two_ranks_does_each_input_once_and_a_rerun_only_what_is_missi
     assert cohort("--overwrite", "true") == sorted(s.name for s in samples)
 
 
+def test_resolution_metadata_sets_the_scale_and_micron_measurements(model, tmp_path):
+    """A TIFF saying 0.5 µm/px (20x) is enlarged 2x for the 40x model (``input_scale auto``): the GeoJSON says the
+    scale and its source, the CSV's areas and perimeters in µm follow the px ones at 0.5 µm/px, and the areas are
+    the polygons' (in px). A TIFF at a 72 dpi default, a PNG: no resolution, no µm (unless the nuclei set it)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tile = sample_tile(4)
+    tifffile.imwrite(folder / "at20x.tif", tile, resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    tifffile.imwrite(folder / "dpi72.tif", tile, resolution=(72, 72), resolutionunit="INCH")
+    out = tmp_path / "out"
+    run_inference(model, str(out), input_dir=str(folder))
+    collection = json.loads((out / "at20x.geojson").read_text())
+    assert collection["properties"] == {"input_scale": 2.0, "scale_source": "metadata", "mpp": 0.5}
+    rows, features = check_table_and_geojson(out / "at20x.csv", out / "at20x.geojson", (256, 256))
+    assert rows
+    for row, feature in zip(rows, features):
+        area, perimeter = float(row["area"]), float(row["perimeter"])
+        assert float(row["area_um2"]) == pytest.approx(area * 0.25) and float(row["perimeter_um"]) == pytest.approx(
+            perimeter * 0.5)
+        assert feature["properties"]["measurements"]["Area µm^2"] == pytest.approx(area * 0.25, abs=0.01)
+    plain = json.loads((out / "dpi72.geojson").read_text())
+    assert plain.get("properties", {}).get("scale_source") in (None, "default", "nuclei")
+    _, rows = read_csv(out / "dpi72.csv")
+    if plain.get("properties", {}).get("scale_source") in (None, "default"):
+        assert all(r["area_um2"] == "" for r in rows)
+
+
 # ------------------------------------------------------------------------------------------------ slides
 SLIDE = 2048
 BLOCK = 256
@@ -386,17 +416,26 @@ def slide_file(tmp_path_factory) -> Path:
 
 
 class CountingNetwork(torch.nn.Module):
-    """The pipeline, counting the slide tiles it is called on."""
+    """The pipeline, counting the slide tiles it is called on (with their scale; the sample crops that decide the
+    slide's scale are counted apart); with ``fail_at`` it dies on that tile (a kill)."""
 
-    def __init__(self, network) -> None:
+    def __init__(self, network, fail_at: int | None = None) -> None:
         super().__init__()
         self.network = network
-        self.class_table = network.class_table
-        self.calls = 0
+        self.class_table, self.options, self.training_mpp = network.class_table, network.options, network.training_mpp
+        self.calls, self.samples, self.fail_at = 0, 0, fail_at
 
-    def forward(self, image):
+    def forward(self, image, input_scale=None, mpp=None):
+        if input_scale is None:
+            self.samples += 1
+            return self.network(image, mpp=mpp)
         self.calls += 1
-        return self.network(image)
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt("killed")
+        return self.network(image, input_scale=input_scale)
+
+    def fingerprint(self) -> str:
+        return self.network.fingerprint()
 
 
 def expected_slide_tiles(tile: int, overlap: int, min_fraction: float = 0.05) -> tuple[np.ndarray, int]:
@@ -436,6 +475,7 @@ def test_slide_at_level0_skips_glass_and_writes_level0_outputs(slide_file, model
     summary = run_inference(counting, str(out), input_file=str(slide_file), slide_options=options)
     processed, kept, total = expected_slide_tiles(512, 64)
     assert counting.calls == kept and kept < total  # glass tiles are skipped
+    assert counting.samples == 3  # crops deciding the scale: the slide says 0.25 um/px, checked on its nuclei
     assert sorted(p.name for p in out.iterdir()) == sorted(f"mosaic{s}" for s in SLIDE_OUTPUTS)
     rows, features = check_table_and_geojson(out / "mosaic.csv", out / "mosaic.geojson", (SLIDE, SLIDE))
     assert summary.nuclei[str(slide_file)] == len(rows) > 0
@@ -446,6 +486,45 @@ def test_slide_at_level0_skips_glass_and_writes_level0_outputs(slide_file, model
     assert (xs > 1024).any() and (ys > 1024).any()  # the lone tissue blocks at the bottom right were found
     overlay = np.asarray(Image.open(out / "mosaic_overlay.png"))
     assert overlay.shape == (512, 512, 3)
+
+
+def test_slide_run_resumes_after_a_kill(slide_file, model, tmp_path):
+    """A slide run killed half-way goes on from its last finished tile: the rerun segments only the other tiles,
+    and the outputs are byte for byte those of an uninterrupted run; rows written after the last checkpoint (a
+    tile cut short) are dropped; a changed slide file starts again."""
+    options = SlideOptions(tile_size=512, tile_overlap=64, thumbnail_size=512)
+    _, kept, _ = expected_slide_tiles(512, 64)
+    model = PromptNucSeg(model.prompter, model.segmentor, model.options, model.class_table, input_scale=1)
+    whole = tmp_path / "whole"
+    run_inference(model, str(whole), input_file=str(slide_file), slide_options=options)
+    out = tmp_path / "out"
+    killed = CountingNetwork(model, fail_at=kept // 2 + 1)
+    with pytest.raises(KeyboardInterrupt):
+        run_inference(killed, str(out), input_file=str(slide_file), slide_options=options)
+    partial = out / ".mosaic.partial"
+    assert [p.name for p in out.iterdir()] == [partial.name]  # no output before the slide is complete
+    assert len(json.loads((partial / "state.json").read_text())["done"]) == kept // 2
+    with open(partial / "features.jsonl", "a") as f:  # a tile cut short after the checkpoint
+        f.write('{"type":"Feature","half a tile"}\n')
+    with open(partial / "rows.csv", "a") as f:
+        f.write("999999,1,2\n")
+    resumed = CountingNetwork(model)
+    summary = run_inference(resumed, str(out), input_file=str(slide_file), slide_options=options)
+    assert resumed.calls == kept - kept // 2
+    for suffix in SLIDE_OUTPUTS:
+        assert (out / f"mosaic{suffix}").read_bytes() == (whole / f"mosaic{suffix}").read_bytes(), suffix
+    assert not partial.exists() and summary.nuclei[str(slide_file)] > 0
+    # killed again, then the slide file changes: its partial run is discarded and every tile is done again
+    shutil.rmtree(out)
+    with pytest.raises(KeyboardInterrupt):
+        run_inference(CountingNetwork(model, fail_at=2), str(out), input_file=str(slide_file), slide_options=options)
+    changed = tmp_path / "copy" / "mosaic.tif"
+    changed.parent.mkdir()
+    shutil.copy(slide_file, changed)
+    rerun = CountingNetwork(model)
+    run_inference(rerun, str(out), input_file=str(changed), slide_options=options)
+    assert rerun.calls == kept
+    assert (out / "mosaic.csv").read_bytes() == (whole / "mosaic.csv").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -461,13 +540,13 @@ def test_slide_at_level1_gives_level0_coordinates(small_slide_file, model_file, 
     out = tmp_path / "out"
     run_bundle("inference", "configs/inference.json", "--input_file", str(small_slide_file), "--output_dir",
                str(out), "--model_path", str(model_file), *THREADS, "--slide#level", "1", "--slide#tile_size", "512",
-               timeout=600)
+               "--pipeline#input_scale", "1", timeout=600)  # level 1 as it is (auto would enlarge its 0.5 µm/px)
     assert sorted(p.name for p in out.iterdir()) == sorted(f"small{s}" for s in SLIDE_OUTPUTS)
     rows, features = check_table_and_geojson(out / "small.csv", out / "small.geojson", (1024, 1024))
     with wsi.open_slide(small_slide_file) as slide:
         assert (slide.levels[1].width, slide.levels[1].height) == (512, 512)
         level1 = wsi.read_level_region(slide, 1, 0, 0, 512, 512)
-    result = model(image_tensor(level1))
+    result = model(image_tensor(level1), input_scale=1)
     inst = result["inst_map"].cpu().numpy()
     assert len(rows) == len(result["classes"]) > 0
     n = len(rows) + 1

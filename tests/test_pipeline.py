@@ -65,8 +65,8 @@ def test_segment_with_a_decoding_window_smaller_than_the_tile():
                                 decoder_mlp_dim=64, decoder_heads=2).eval()
     real_decode = segmentor.decode_windows
 
-    def whole_window(windows, coords, labels):  # the real decoder runs; every pixel of its window is foreground
-        logits, ious = real_decode(windows, coords, labels)
+    def whole_window(windows, coords, labels, **options):  # the real decoder runs; its window all foreground
+        logits, ious = real_decode(windows, coords, labels, **options)
         return torch.ones_like(logits), ious
 
     segmentor.decode_windows = whole_window
@@ -115,3 +115,20 @@ def test_input_scale_resamples_the_image_and_maps_the_outputs_back():
     network = Recorder(nn.Identity(), nn.Identity())  # a call's own input_scale (whole slides coarser than asked)
     network(torch.rand(3, 50, 60) * 255, input_scale=2.0)
     assert network.seen == ((100, 120), None)
+
+
+@pytest.mark.parametrize("length, max_size, overlap", [(4096, 1536, 128), (4096, 1024, 128), (2100, 1536, 128),
+                                                       (20000, 1536, 128), (1537, 1536, 128)])
+def test_fitted_tiles_cover_the_image_with_the_fewest_and_smallest_tiles(length, max_size, overlap):
+    """Fitted tiles: as many per side as tiles of ``max_size`` need, no larger, and the pixels processed stay
+    within the overlaps' share of the image (tiles of ``max_size`` would overhang by up to a tile)."""
+    from scripts.pipeline.tiling import fitted_tile_size, tile_grid
+
+    size = fitted_tile_size(length, length, max_size, overlap)
+    assert size % 32 == 0 and size <= max_size
+    fitted, full = tile_grid(length, length, size, overlap), tile_grid(length, length, max_size, overlap)
+    per_side = int(len(fitted) ** 0.5)
+    assert len(fitted) == len(full)  # no more tiles than max_size gives
+    assert per_side * size <= length + (per_side - 1) * overlap + 32 * per_side  # no more pixels than needed
+    assert fitted_tile_size(length, length, size - 32, overlap) < size or len(
+        tile_grid(length, length, size - 32, overlap)) > len(fitted)  # the smallest that many tiles allow

@@ -294,8 +294,8 @@ def test_decode_windows_equals_decode_on_a_shared_embedding_and_encode_whole():
         assert not torch.allclose(other[0], masks[:1])  # the window does matter
     with pytest.raises(ValueError, match="convolutional"):
         build_segmentor("vit_tiny", image_size=64).encode_whole(torch.rand(1, 3, 64, 64))
-    with pytest.raises(ValueError, match="windows must be"):
-        conv.decode_windows(torch.rand(2, 64, 4, 4), coords[:2], labels[:2])
+    with pytest.raises(ValueError, match="windows must be"):  # more tokens than the decoding window's 8
+        conv.decode_windows(torch.rand(2, 64, 9, 9), coords[:2], labels[:2])
 
 
 def test_decoder_window_decodes_each_prompt_on_its_centred_window():

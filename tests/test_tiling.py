@@ -54,7 +54,7 @@ class DarkDiskSegmentor(nn.Module):
     def encode_whole(self, images: torch.Tensor) -> torch.Tensor:
         return images.float()
 
-    def decode_windows(self, windows, point_coords, point_labels):
+    def decode_windows(self, windows, point_coords, point_labels, **options):  # options: dtype (unused)
         grey = windows.float().mean(1)  # (Z, S, S)
         size = self.image_size
         rows = torch.arange(size, dtype=torch.float32).view(1, size, 1)
@@ -102,7 +102,7 @@ def test_tiling_is_exact_for_an_equivariant_segmentor(record, tile_size):
     assert cut_by_core_borders(record.inst_map, tile_size, 64) >= 50
     threshold = threshold_otsu(record.image.mean(-1))
     network = PromptNucSeg(nn.Identity(), DarkDiskSegmentor(tile_size, threshold, radius=40), tile_overlap=64,
-                           encoder_tile_size=tile_size)
+                           encoder_tile_size=tile_size, decoder_tokens=None)
     image, points = image_tensor(record.image), centroids(record.inst_map)
     tiled = network.segment(image, points)[0]
     reference = untiled(network).segment(image, points)[0]

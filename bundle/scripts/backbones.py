@@ -22,7 +22,8 @@ CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a local state dict with ``torch.load(weights_only=True)``; never downloads.
+    """Read a local state dict with ``torch.load(weights_only=True)`` (``.safetensors``: ``safetensors``, the
+    format of timm's weights on the Hugging Face hub); never downloads.
 
     Accepts a bare state dict or one wrapped under ``"state_dict"`` / ``"model"``; a leading ``"module."``
     (DataParallel) is stripped. Raises ``FileNotFoundError`` naming the file when it does not exist.
@@ -30,6 +31,10 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained backbone weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return {k.removeprefix("module."): v for k, v in load_file(path).items()}
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):

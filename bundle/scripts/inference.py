@@ -13,8 +13,11 @@ failures are listed at the end and :func:`run_inference` raises :class:`Inferenc
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,19 +29,20 @@ import torch
 from monai.apps.utils import get_logger
 from tqdm import tqdm
 
-from scripts.io.measurements import instance_polygons, nucleus_table
+from scripts.io.measurements import instance_polygons, nucleus_table, with_microns
 from scripts.parse import as_bool
 from scripts.pipeline.options import SlideOptions
 from scripts.pipeline.promptnucseg import PromptNucSeg
 from scripts.pipeline.tiling import tile_grid
 from scripts.data.readers.common import read_image
-from scripts.io.writers import CSVWriter, GeoJSONWriter, write_csv, write_geojson, write_label_maps, write_overlay
+from scripts.io.writers import write_csv, write_geojson, write_label_maps, write_overlay
 
 logger = get_logger("scripts.inference")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".ndpi")
 SLIDE_SUFFIXES = (".svs", ".ndpi")
 OUTPUT_SUFFIXES = ("_inst.tif", "_type.tif", "_overlay.png")  # this bundle's image outputs (see the docstring)
+WRITE_AHEAD = 1  # images segmented while the outputs of earlier ones are still being written (bounds memory)
 
 
 class InferenceFailures(RuntimeError):
@@ -137,8 +141,14 @@ def run_inference(
     save_label_maps: bool = True,
     shard: Any = None,
     overwrite: bool = False,
+    write_ahead: int = WRITE_AHEAD,
 ) -> InferenceSummary:
     """Segment every input and write its outputs; raise :class:`InferenceFailures` listing the files that failed.
+
+    An image's outputs are written on a background thread while the next image is segmented (at most
+    ``write_ahead`` images are segmented before the writing of an earlier one ends; 0: each image's outputs are
+    written before the next starts). A failed write is reported like a failed segmentation, and the writes under
+    way are finished before this function returns or raises (an interrupt included).
 
     Args:
         network: the pipeline (eval mode).
@@ -160,28 +170,64 @@ def run_inference(
     class_table = network.class_table if class_table is None else class_table
     slide_options = slide_options or SlideOptions()
     summary, failures = InferenceSummary(), {}
-    for path in files:
-        whole_slide = is_whole_slide(path, slide_options.min_slide_side)
-        if not overwrite and all(p.is_file() for p in expected_outputs(path, out, whole_slide, save_label_maps)):
-            summary.skipped.append(str(path))  # every output is written atomically: present means whole
-            continue
-        start = time.perf_counter()
+    writing: deque[tuple[Path, float, Future]] = deque()  # (input, seconds segmenting it, its outputs' writing)
+
+    def finish_writes(limit: int) -> None:
+        """Wait for the oldest writes until at most ``limit`` are under way; record each input's result."""
+        while len(writing) > limit:
+            path, seconds, job = writing.popleft()
+            try:
+                outputs, count, write_seconds = job.result()
+            except Exception as error:  # reported per file, like a failed segmentation
+                _record_failure(failures, path, error)
+                continue
+            _record(summary, path, outputs, count, seconds + write_seconds)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-outputs") as writer:
         try:
-            if whole_slide:
-                outputs, count = segment_slide(network, path, out, class_table, slide_options)
-            else:
-                outputs, count = segment_image_file(network, path, out, class_table, save_label_maps)
-        except Exception as error:  # one bad file must not stop the others; it is reported at the end
-            logger.error("%s: %s", path, error)
-            failures[str(path)] = f"{type(error).__name__}: {error}"
-            continue
-        summary.outputs[str(path)] = {k: str(v) for k, v in outputs.items()}
-        summary.nuclei[str(path)] = count
-        summary.seconds[str(path)] = time.perf_counter() - start
-        logger.info("%s: %d nuclei in %.2f s", path.name, count, summary.seconds[str(path)])
+            for path in files:
+                whole_slide = is_whole_slide(path, slide_options.min_slide_side)
+                if not overwrite and all(p.is_file() for p in expected_outputs(path, out, whole_slide,
+                                                                               save_label_maps)):
+                    summary.skipped.append(str(path))  # every output is written atomically: present means whole
+                    continue
+                start = time.perf_counter()
+                try:
+                    if whole_slide:
+                        outputs, count = segment_slide(network, path, out, class_table, slide_options)
+                        _record(summary, path, outputs, count, time.perf_counter() - start)
+                        continue
+                    image, result = segment_image(network, path)
+                except Exception as error:  # one bad file must not stop the others; it is reported at the end
+                    _record_failure(failures, path, error)
+                    continue
+                job = writer.submit(_timed_write, path.stem, image, result, out, class_table, save_label_maps)
+                writing.append((path, time.perf_counter() - start, job))
+                finish_writes(max(int(write_ahead), 0))
+        finally:
+            finish_writes(0)
     if failures:
         raise InferenceFailures(failures)
     return summary
+
+
+def _record(summary: InferenceSummary, path: Path, outputs: dict[str, Path], count: int, seconds: float) -> None:
+    summary.outputs[str(path)] = {k: str(v) for k, v in outputs.items()}
+    summary.nuclei[str(path)] = count
+    summary.seconds[str(path)] = seconds
+    logger.info("%s: %d nuclei in %.2f s", path.name, count, seconds)
+
+
+def _record_failure(failures: dict[str, str], path: Path, error: Exception) -> None:
+    logger.error("%s: %s", path, error)
+    failures[str(path)] = f"{type(error).__name__}: {error}"
+
+
+def _timed_write(*args: Any) -> tuple[dict[str, Path], int, float]:
+    """:func:`write_image_outputs` (same arguments) and the seconds it took."""
+    start = time.perf_counter()
+    outputs, count = write_image_outputs(*args)
+    return outputs, count, time.perf_counter() - start
 
 
 def expected_outputs(path: Path, output_dir: Path, whole_slide: bool, save_label_maps: bool = True) -> list[Path]:
@@ -198,11 +244,32 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
 def segment_image_file(network: PromptNucSeg, path: Path, output_dir: Path, class_table: dict[int, dict],
                        save_label_maps: bool = True) -> tuple[dict[str, Path], int]:
     """Segment one image file and write its five outputs."""
+    image, result = segment_image(network, path)
+    return write_image_outputs(path.stem, image, result, output_dir, class_table, save_label_maps)
+
+
+def segment_image(network: PromptNucSeg, path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read one image file (RGB uint8 (H, W, 3)) and segment it: the image and the network's outputs (with the
+    scale it ran at, logged; the file's resolution metadata, if any, read by ``input_scale auto``)."""
+    from scripts.io.wsi import image_mpp
+
     image = read_image(path)
     if image.size == 0 or min(image.shape[:2]) == 0:
         raise ValueError(f"{path}: empty image (shape {image.shape})")
-    result = network(image_tensor(image))
-    return write_image_outputs(path.stem, image, result, output_dir, class_table, save_label_maps)
+    result = network(image_tensor(image), mpp=image_mpp(path))
+    log_scale(path, result.get("scale"))
+    return image, result
+
+
+def log_scale(path: Path, choice: Any) -> None:
+    """Log the scale an input was segmented at; a disagreement between its metadata and its nuclei is a warning."""
+    if choice is None:
+        return
+    if choice.note and choice.source == "metadata":
+        logger.warning("%s: %s", path, choice.note)
+    elif choice.scale != 1.0 or choice.source != "default":
+        logger.info("%s: segmented at input_scale %.3g (%s%s)", path.name, choice.scale, choice.source,
+                    f": {choice.note}" if choice.note else "")
 
 
 def write_image_outputs(stem: str, image: np.ndarray, result: dict[str, torch.Tensor], output_dir: Path,
@@ -215,9 +282,12 @@ def write_image_outputs(stem: str, image: np.ndarray, result: dict[str, torch.Te
     outputs: dict[str, Path] = {}
     if save_label_maps:
         outputs.update(write_label_maps(output_dir, stem, inst_map, type_map))
-    table = nucleus_table(inst_map, image, classes, scores, ious, class_table=class_table)
+    choice = result.get("scale")
+    table = with_microns(nucleus_table(inst_map, image, classes, scores, ious, class_table=class_table),
+                         None if choice is None else choice.mpp)
     polygons = instance_polygons(inst_map)
-    outputs["geojson"] = write_geojson(output_dir / f"{stem}.geojson", polygons, table, class_table)
+    outputs["geojson"] = write_geojson(output_dir / f"{stem}.geojson", polygons, table, class_table,
+                                       properties=None if choice is None else choice.as_dict())
     outputs["csv"] = write_csv(output_dir / f"{stem}.csv", table)
     outputs["overlay"] = write_overlay(output_dir / f"{stem}_overlay.png", image, inst_map, type_map, class_table)
     return outputs, len(ids)
@@ -234,53 +304,116 @@ def segment_slide(network: PromptNucSeg, path: Path, output_dir: Path, class_tab
                   options: SlideOptions) -> tuple[dict[str, Path], int]:
     """Segment a whole slide tile by tile (tissue only), streaming the vector outputs; memory stays flat.
 
+    Resumable: the nuclei of each finished tile are recorded in ``<output_dir>/.<stem>.partial/``
+    (:mod:`scripts.io.slide_progress`), so a run killed half-way goes on from its last tile when rerun with the
+    same slide, settings and model; the outputs appear when the slide is complete.
     A nucleus is kept by the slide tile whose core holds its prompt point (the same rule as inside an image).
     Outputs are in level-0 pixels: polygons, centroids, area (px²) and perimeter (px) are scaled from the level
     read by its downsample factor d, keeping the pixel-centre convention (level coordinate u -> (u + 0.5) d - 0.5,
     so outlines stay on pixel edges and inside the slide).
     """
     from scripts.io import wsi  # the slide readers are only needed here
+    from scripts.io.slide_progress import SlideProgress, slide_run_key
 
     stem = path.stem
     with wsi.open_slide(path, backend=options.backend) as slide:
-        level = wsi.choose_level(slide, mpp=options.mpp, level=options.level)
+        level = slide_level(network, slide, options)
         info = slide.levels[level]
-        upsampling = wsi.level_upsampling(slide, level, options.mpp)
-        if upsampling != 1.0:
-            logger.info("%s: level %d is coarser than the %.3f um/px asked; tiles are enlarged x%.2f for the model",
-                        path, level, options.mpp, upsampling)
         mask = wsi.tissue_mask(slide)
         tiles = wsi.iter_tiles(slide, level, options.tile_size, options.tile_overlap, mask,
                                options.min_tissue_fraction)
+        choice = slide_scale(network, slide, level, options, tiles)
+        log_scale(path, choice)
+        upsampling = choice.scale
+        mpp0 = None if choice.mpp is None else choice.mpp / info.downsample  # µm per level-0 px
         cores = {(t.x0, t.y0): t for t in tile_grid(info.height, info.width, options.tile_size, options.tile_overlap)}
         thumb_scale = max(info.width, info.height) / options.thumbnail_size
         thumb_scale = max(thumb_scale, 1.0)
         thumb_shape = (max(1, int(info.height / thumb_scale)), max(1, int(info.width / thumb_scale)))
-        thumb_inst = np.zeros(thumb_shape, np.int32)
-        thumb_type = np.zeros(thumb_shape, np.int32)
-        geojson_path, csv_path = output_dir / f"{stem}.geojson", output_dir / f"{stem}.csv"
-        count = 0
-        with GeoJSONWriter(geojson_path, class_table) as geo, CSVWriter(csv_path) as csv_out:
-            for tile in tqdm(tiles, desc=stem, unit="tile"):
+        key = slide_run_key(path, {"slide": dataclasses.asdict(options), "level": level, "scale": upsampling,
+                                   "pipeline": dataclasses.asdict(network.options), "model": network.fingerprint()})
+        progress = SlideProgress.open(output_dir, stem, key, class_table, thumb_shape)
+        try:
+            remaining = tiles.without(progress.done)
+            logger.info("%s: %d tissue tiles of %d px at level %d (%d done before)", path.name, len(tiles),
+                        options.tile_size, level, len(tiles) - len(remaining))
+            for tile in tqdm(remaining, desc=stem, unit="tile", total=len(tiles), initial=len(tiles) - len(remaining)):
                 core = cores[(tile.x, tile.y)]
                 inst_map, type_map, table, polygons = _segment_slide_tile(network, tile, core, info, class_table,
-                                                                          count, upsampling)
-                geo.add(polygons, table)
-                csv_out.add(table)
-                _paint_thumbnail(thumb_inst, thumb_type, inst_map, type_map, tile.x, tile.y, thumb_scale)
-                count += len(table)
-        thumbnail = wsi.read_thumbnail(slide, max_size=options.thumbnail_size)
-    thumbnail = _fit(thumbnail, thumb_shape)
-    overlay = write_overlay(output_dir / f"{stem}_overlay.png", thumbnail, thumb_inst, thumb_type, class_table)
+                                                                          progress.count, upsampling)
+                with_microns(table, mpp0)
+                _paint_thumbnail(progress.thumb_inst, progress.thumb_type, inst_map, type_map, tile.x, tile.y,
+                                 thumb_scale)
+                progress.add_tile((tile.x, tile.y), polygons, table)
+            thumbnail = wsi.read_thumbnail(slide, max_size=options.thumbnail_size)
+            geojson_path, csv_path = output_dir / f"{stem}.geojson", output_dir / f"{stem}.csv"
+            progress.write_outputs(geojson_path, csv_path, properties=choice.as_dict())
+            overlay = write_overlay(output_dir / f"{stem}_overlay.png", _fit(thumbnail, thumb_shape),
+                                    np.asarray(progress.thumb_inst), np.asarray(progress.thumb_type), class_table)
+        except BaseException:
+            progress.close()
+            raise
+        count = progress.count
+        progress.remove()
     return {"geojson": geojson_path, "csv": csv_path, "overlay": overlay}, count
+
+
+def slide_level(network: PromptNucSeg, slide: Any, options: SlideOptions) -> int:
+    """The level to read: ``slide#level``, or the one nearest ``slide#mpp`` when given; else, with ``input_scale
+    auto`` and resolution metadata, the one nearest the model's training mpp (a coarser slide: level 0); else 0."""
+    from scripts.io import wsi
+
+    mpp = options.mpp
+    if mpp is None and options.level is None and network.options.input_scale == "auto" and slide.mpp is not None:
+        mpp = network.training_mpp
+    return wsi.choose_level(slide, mpp=mpp, level=options.level)
+
+
+def slide_scale(network: PromptNucSeg, slide: Any, level: int, options: SlideOptions, tiles: Any,
+                sample: int = 3, crop: int = 768) -> Any:
+    """The :class:`~scripts.pipeline.scale.ScaleChoice` for every tile of a slide, decided once: the given
+    ``input_scale`` or ``slide#mpp``; else (``auto``) the level's resolution metadata, checked against the nuclei
+    of ``sample`` crops of ``crop`` px from tissue tiles spread over the slide (a disagreement is a warning); without
+    metadata, the scale most of those crops' nuclei ask for."""
+    from scripts.io import wsi
+    from scripts.pipeline.scale import ScaleChoice
+
+    info = slide.levels[level]
+    level_mpp = None if info.mpp_x is None else (info.mpp_x + info.mpp_y) / 2
+    requested = network.options.input_scale
+    if options.mpp is not None or requested != "auto":
+        upsampling = wsi.level_upsampling(slide, level, options.mpp)
+        if upsampling != 1.0:
+            logger.info("%s: level %d is coarser than the %.3f um/px asked; tiles are enlarged x%.2f for the model",
+                        slide.path, level, options.mpp, upsampling)
+        scale = upsampling if requested == "auto" else requested * upsampling
+        return ScaleChoice(scale, "given", None if level_mpp is None else level_mpp / scale)
+    positions = tiles.positions[np.linspace(0, len(tiles.positions) - 1, min(sample, len(tiles.positions)))
+                                .round().astype(int)] if len(tiles.positions) else tiles.positions
+    choices = []
+    for x, y in positions.tolist():
+        size = min(crop, tiles.tile_size)
+        offset = (tiles.tile_size - size) // 2
+        region = wsi.read_level_region(slide, level, x + offset, y + offset, size, size)
+        choices.append(network(image_tensor(region), mpp=level_mpp)["scale"])
+    if level_mpp is not None:
+        notes = [c.note for c in choices if c.note]
+        note = notes[0] if len(notes) > len(choices) / 2 else ""
+        return ScaleChoice(choices[0].scale if choices else 1.0, "metadata", level_mpp, note)
+    scales = sorted(c.scale for c in choices)
+    if not scales or scales[len(scales) // 2] == 1.0:
+        return ScaleChoice(1.0, "default", None)
+    scale = scales[len(scales) // 2]
+    return ScaleChoice(scale, "nuclei", network.training_mpp / scale,
+                       f"the nuclei of {sum(s == scale for s in scales)} of {len(scales)} sample crops ask for it")
 
 
 def _segment_slide_tile(network: PromptNucSeg, tile: Any, core: Any, info: Any, class_table: dict[int, dict],
                         first_id: int, upsampling: float = 1.0) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
     """Nuclei of one slide tile whose prompt lies in its core, with slide-unique ids from ``first_id + 1``;
-    ``upsampling`` > 1 enlarges the tile for the model (a slide coarser than the mpp asked)."""
+    ``upsampling``: the tile's resampling factor for the model (:func:`slide_scale`)."""
     image = image_tensor(tile.image)
-    result = network(image) if upsampling == 1.0 else network(image, input_scale=upsampling)
+    result = network(image, input_scale=upsampling)
     points = result["points"]
     core_points = points + torch.tensor([tile.x, tile.y], dtype=torch.float32)
     keep = core.core_holds(core_points).numpy()

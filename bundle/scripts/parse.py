@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 TRUE_WORDS = ("true", "yes", "1")
@@ -46,3 +47,17 @@ def as_number(value: Any, name: str, kind: type, minimum: float | None = None, o
     if minimum is not None and number < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
     return number
+
+
+def as_file(value: Any, name: str, what: str = "file") -> str:
+    """``value`` as the path of an existing local file (``what`` says what it holds, for the messages).
+
+    Raises:
+        ValueError: no path given (None, ``"none"``, empty), naming the option ``name``.
+        FileNotFoundError: naming the option and the path that does not exist (nothing is downloaded).
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        raise ValueError(f"{name} is not set: pass --{name} <path of the {what}>")
+    if not Path(value).is_file():
+        raise FileNotFoundError(f"{name}: {what} not found: {value} (give a local file; nothing is downloaded)")
+    return str(value)

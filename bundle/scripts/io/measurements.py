@@ -34,6 +34,8 @@ TABLE_COLUMNS = (
     "pred_iou",
     "area",
     "perimeter",
+    "area_um2",
+    "perimeter_um",
     "eccentricity",
     "solidity",
     "hematoxylin_mean",
@@ -80,7 +82,8 @@ def nucleus_table(
 
     Returns:
         rows with ``centroid_x`` = col + offset_x and ``centroid_y`` = row + offset_y (pixel centres at integer
-        coordinates), ``area`` in pixels, ``perimeter`` in pixels (skimage 4-connected estimate), ``eccentricity``
+        coordinates), ``area`` in pixels, ``perimeter`` in pixels (skimage 4-connected estimate), ``area_um2`` and
+        ``perimeter_um`` NaN (:func:`with_microns` fills them when the resolution is known), ``eccentricity``
         and ``solidity`` in [0, 1].
     """
     inst_map = _check_inst_map(inst_map)
@@ -114,12 +117,24 @@ def nucleus_table(
                 "pred_iou": float(iou_preds.get(nid, math.nan)),
                 "area": int(t["area"][i]),
                 "perimeter": float(t["perimeter"][i]),
+                "area_um2": math.nan,
+                "perimeter_um": math.nan,
                 "eccentricity": float(t["eccentricity"][i]),
                 "solidity": float(t["solidity"][i]),
                 "hematoxylin_mean": float(hema[i]),
             }
         )
     return rows
+
+
+def with_microns(table: list[dict[str, Any]], mpp: float | None) -> list[dict[str, Any]]:
+    """Fill ``area_um2`` and ``perimeter_um`` of the rows (in place) from their px values at ``mpp`` µm/px of the
+    pixels they are measured in; unknown ``mpp`` (None) leaves them NaN."""
+    if mpp is not None:
+        for row in table:
+            row["area_um2"] = row["area"] * mpp * mpp
+            row["perimeter_um"] = row["perimeter"] * mpp
+    return table
 
 
 def _largest_polygon(geom: shapely.Geometry) -> Polygon | None:

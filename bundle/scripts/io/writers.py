@@ -33,11 +33,14 @@ GEOJSON_MEASUREMENTS = {
     "pred_iou": "Predicted IoU",
     "area": "Area px^2",
     "perimeter": "Perimeter px",
+    "area_um2": "Area µm^2",
+    "perimeter_um": "Perimeter µm",
     "eccentricity": "Eccentricity",
     "solidity": "Solidity",
     "hematoxylin_mean": "Hematoxylin OD mean",
 }
 UNCLASSIFIED_COLOR = (255, 255, 0)  # overlay colour of nuclei without a class
+OVERLAY_PNG_LEVEL = 1  # zlib level of the overlay PNG: 4x faster to write than PIL's default 6, files ~4 % larger
 
 
 # ----------------------------------------------------------------------------------------------- label maps
@@ -105,6 +108,12 @@ def nucleus_feature(
     return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [coords]}, "properties": properties}
 
 
+def feature_json(polygon: Polygon, row: Mapping[str, Any], class_table: Mapping[int, Mapping], shift: float = 0.5,
+                 decimals: int = 2) -> str:
+    """:func:`nucleus_feature` as one line of compact JSON."""
+    return json.dumps(nucleus_feature(polygon, row, class_table, shift, decimals), separators=(",", ":"))
+
+
 class GeoJSONWriter:
     """Streaming GeoJSON FeatureCollection writer (features go to disk as they come; constant memory).
 
@@ -115,11 +124,14 @@ class GeoJSONWriter:
                 w.add(polygons, table)
 
     ``shift`` (pixels, default 0.5) is added to x and y: this module's pixel centres sit at integer coordinates,
-    QuPath's pixel corners do, so +0.5 puts outlines exactly on the pixels in QuPath.
+    QuPath's pixel corners do, so +0.5 puts outlines exactly on the pixels in QuPath. ``properties`` (optional)
+    go into the collection's ``properties`` member (the scale the image was segmented at; readers ignore it).
     """
 
-    def __init__(self, path: str | Path, class_table: Mapping[int, Mapping], shift: float = 0.5, decimals: int = 2):
+    def __init__(self, path: str | Path, class_table: Mapping[int, Mapping], shift: float = 0.5, decimals: int = 2,
+                 properties: Mapping[str, Any] | None = None):
         self.path, self.class_table, self.shift, self.decimals = Path(path), class_table, shift, decimals
+        self.properties = dict(properties or {})
         self.count = 0
         self._ctx = None
         self._f: IO | None = None
@@ -127,15 +139,19 @@ class GeoJSONWriter:
     def __enter__(self) -> "GeoJSONWriter":
         self._ctx = atomic_open(self.path, "w", encoding="utf-8")
         self._f = self._ctx.__enter__()
-        self._f.write('{"type": "FeatureCollection", "features": [')
+        head = {"type": "FeatureCollection", **({"properties": self.properties} if self.properties else {})}
+        self._f.write(json.dumps(head)[:-1] + ', "features": [')
         return self
 
     def add_feature(self, polygon: Polygon, row: Mapping[str, Any]) -> None:
         """Append one nucleus (its polygon and its table row)."""
+        self.add_json(feature_json(polygon, row, self.class_table, self.shift, self.decimals))
+
+    def add_json(self, feature: str) -> None:
+        """Append one feature already encoded by :func:`feature_json` (a resumed slide's recorded nuclei)."""
         if self._f is None:
             raise RuntimeError(f"{self.path}: GeoJSONWriter used outside its `with` block")
-        feature = nucleus_feature(polygon, row, self.class_table, self.shift, self.decimals)
-        self._f.write(("\n" if self.count == 0 else ",\n") + json.dumps(feature, separators=(",", ":")))
+        self._f.write(("\n" if self.count == 0 else ",\n") + feature)
         self.count += 1
 
     def add(self, polygons: Mapping[int, Polygon], table: Iterable[Mapping[str, Any]]) -> None:
@@ -158,15 +174,17 @@ def write_geojson(
     table: Iterable[Mapping[str, Any]],
     class_table: Mapping[int, Mapping],
     shift: float = 0.5,
+    properties: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a QuPath-importable FeatureCollection: one detection Polygon per row of ``table`` (see GeoJSONWriter)."""
-    with GeoJSONWriter(path, class_table, shift=shift) as writer:
+    with GeoJSONWriter(path, class_table, shift=shift, properties=properties) as writer:
         writer.add(polygons, table)
     return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------- CSV
-def _cell(value: Any) -> Any:
+def csv_cell(value: Any) -> Any:
+    """A table value as a CSV cell: None and NaN become empty cells."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return value
@@ -199,7 +217,7 @@ class CSVWriter:
             missing = [c for c in self.columns if c not in row]
             if missing:
                 raise KeyError(f"{self.path}: row {row.get('id')} lacks columns {missing}")
-            self._writer.writerow({c: _cell(row[c]) for c in self.columns})
+            self._writer.writerow({c: csv_cell(row[c]) for c in self.columns})
             self.count += 1
 
     def __exit__(self, *exc: Any) -> bool | None:
@@ -307,5 +325,5 @@ def write_overlay(
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
     with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(out).save(tmp, format="PNG")
+        Image.fromarray(out).save(tmp, format="PNG", compress_level=OVERLAY_PNG_LEVEL)
     return Path(path)

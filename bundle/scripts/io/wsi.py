@@ -123,6 +123,30 @@ def _tiff_mpp(tif: tifffile.TiffFile) -> tuple[float, float] | None:
     return None
 
 
+PLAUSIBLE_MPP = (0.05, 10.0)  # µm/px: resolution metadata outside this range is not a microscope's
+
+
+def image_mpp(path: str | Path) -> float | None:
+    """An image file's µm/px from its TIFF metadata (SVS, OME, resolution tags: the mean of x and y), None for
+    other files, files without it and implausible values (a 72 dpi default: logged)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff", ".svs"):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            mpp = _tiff_mpp(tif)
+    except Exception as error:  # the image reader reports an unreadable file with its own message
+        logger.debug("%s: no TIFF metadata (%s)", path, error)
+        return None
+    if mpp is None:
+        return None
+    value = (mpp[0] + mpp[1]) / 2
+    if not PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]:
+        logger.info("%s: its resolution metadata (%.4g um/px) is not a microscope's; ignored", path, value)
+        return None
+    return value
+
+
 def _tiff_levels(tif: tifffile.TiffFile) -> list[LevelInfo]:
     mpp = _tiff_mpp(tif)
     pages = [lv.keyframe for lv in tif.series[0].levels]
@@ -349,6 +373,11 @@ class TileIterator:
 
     def __len__(self) -> int:
         return len(self.positions)
+
+    def without(self, done: set[tuple[int, int]]) -> "TileIterator":
+        """The tiles whose level (x, y) is not in ``done`` (nothing is read for the others)."""
+        keep = [tuple(p) not in done for p in self.positions.tolist()]
+        return TileIterator(self.slide, self.level, self.tile_size, self.positions[np.array(keep, bool)])
 
     def __iter__(self) -> Iterator[Tile]:
         lv = self.slide.levels[self.level]

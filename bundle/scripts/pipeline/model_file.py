@@ -3,14 +3,19 @@
 File layout (``torch.save`` of plain containers, loadable with ``weights_only=True``)::
 
     {"format": "promptnucseg/3", "storage": "float32" | "float16" | "int8",
-     "class_table": {class_id: {"name": str, "color": [r, g, b]}},
+     "class_table": {class_id: {"name": str, "color": [r, g, b]}}, "classifier": "prompter" | "segmentor",
+     "training_scale": {"mpp": µm/px, "nucleus_area": px²},
      "prompter": {"config": {num_classes, backbone, levels, anchor_step, fpn_channels, mlp_hidden, class_names,
                              ...the prompter's other training hyperparameters}, "state_dict": {...}, "int8_scales": {...}},
      "segmentor": {"config": {variant, image_size, overrides, ...}, "state_dict": {...}, "int8_scales": {...}}}
 
 The class table travels with the model: inference, the writers and the MONAI Label app name and colour the classes
-from it. It is made at export from the class names the prompter was trained with
-(:func:`scripts.data.records.class_table_from_names`); an untyped model has an empty table.
+from it. It is made at export from the class names the classifying network was trained with
+(:func:`scripts.data.records.class_table_from_names`); an untyped model has an empty table. ``classifier`` says
+which network classifies: ``segmentor`` when the segmentor has a [cls] head (paper Table 8, its config's
+``num_classes`` > 0), else ``prompter``; files without the key (all before it) are ``prompter``. A model trained
+with ``--stage joint`` (Table 9) is exported from its one checkpoint (:func:`export_joint_model`) into the same
+layout, the shared backbone's weights in both parts.
 
 Storage ``float16`` keeps every floating-point tensor as float16; ``int8`` additionally stores each weight matrix /
 convolution kernel (2 or more dims, at least :data:`INT8_MIN_ELEMENTS` elements) as int8 with one float32 scale per
@@ -31,6 +36,7 @@ from scripts.io.atomic import atomic_torch_save
 from scripts.io.checkpoints import load_checkpoint
 from scripts.pipeline.options import PipelineOptions
 from scripts.pipeline.promptnucseg import PromptNucSeg
+from scripts.pipeline.scale import NUCLEUS_AREA, TRAINING_MPP
 from scripts.prompter.net import Prompter
 from scripts.segmentor.build import build_segmentor
 
@@ -39,6 +45,9 @@ READABLE_FORMATS = ("promptnucseg/1", "promptnucseg/2", MODEL_FORMAT)
 STORAGES = ("float32", "float16", "int8")
 INT8_MIN_ELEMENTS = 1024
 PARTS = ("prompter", "segmentor")
+# the training data's resolution (µm/px) and median nucleus area (px²) at it, read by ``input_scale auto``
+# (scripts/pipeline/scale.py); the bundle's training data is 40x (MoNuSeg, CoNSeP; PanNuke too)
+TRAINING_SCALE = {"mpp": TRAINING_MPP, "nucleus_area": NUCLEUS_AREA}
 
 
 def export_model(prompter_checkpoint: str | Path, segmentor_checkpoint: str | Path, output_path: str | Path,
@@ -51,17 +60,46 @@ def export_model(prompter_checkpoint: str | Path, segmentor_checkpoint: str | Pa
         storage: ``float32``; ``float16`` (half the size); ``int8`` (weight matrices as int8 with per-channel
             scales, the rest float16: about a quarter of the float32 size). Loaded back as float32 either way.
     """
-    if storage not in STORAGES:
-        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     parts = {}
     for name, path in zip(PARTS, (prompter_checkpoint, segmentor_checkpoint)):
-        checkpoint = load_checkpoint(path)
-        if "config" not in checkpoint or "network" not in checkpoint:
-            raise KeyError(f"{path}: not a training checkpoint of this bundle (needs 'network' and 'config')")
-        state, scales = pack_state_dict(checkpoint["network"], storage)
-        parts[name] = {"config": checkpoint["config"], "state_dict": state, "int8_scales": scales}
-    class_table = class_table_from_names(parts["prompter"]["config"].get("class_names") or [])
-    atomic_torch_save({"format": MODEL_FORMAT, "storage": storage, "class_table": class_table, **parts}, output_path)
+        checkpoint = _training_checkpoint(path)
+        parts[name] = (checkpoint["config"], checkpoint["network"])
+    return _write_model(parts, output_path, storage)
+
+
+def export_joint_model(checkpoint: str | Path, output_path: str | Path, storage: str = "float32") -> Path:
+    """The model file of a joint training (``--stage joint``, paper Table 9) from its one checkpoint (``joint/best.pt``):
+    the network's ``prompter.*`` and ``segmentor.*`` weights (the shared backbone under both) with the configs of
+    both parts. Arguments as :func:`export_model`."""
+    joint = _training_checkpoint(checkpoint)
+    if not all(name in joint["config"] for name in PARTS):
+        raise KeyError(f"{checkpoint}: not a joint training checkpoint (its config has no 'prompter' and "
+                       f"'segmentor'; export a stage's checkpoints with export_model)")
+    parts = {name: (joint["config"][name], {key.removeprefix(f"{name}."): value for key, value in
+                                           joint["network"].items() if key.startswith(f"{name}.")}) for name in PARTS}
+    return _write_model(parts, output_path, storage)
+
+
+def _training_checkpoint(path: str | Path) -> dict:
+    checkpoint = load_checkpoint(path)
+    if "config" not in checkpoint or "network" not in checkpoint:
+        raise KeyError(f"{path}: not a training checkpoint of this bundle (needs 'network' and 'config')")
+    return checkpoint
+
+
+def _write_model(parts: dict[str, tuple[dict, dict]], output_path: str | Path, storage: str) -> Path:
+    """Write ``{part: (config, state_dict)}`` as a model file, with the class table of the network that
+    classifies."""
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    model = {}
+    for name, (config, network) in parts.items():
+        state, scales = pack_state_dict(network, storage)
+        model[name] = {"config": config, "state_dict": state, "int8_scales": scales}
+    classifier = "segmentor" if model["segmentor"]["config"].get("num_classes") else "prompter"
+    class_table = class_table_from_names(model[classifier]["config"].get("class_names") or [])
+    atomic_torch_save({"format": MODEL_FORMAT, "storage": storage, "class_table": class_table,
+                       "classifier": classifier, "training_scale": TRAINING_SCALE, **model}, output_path)
     return Path(output_path)
 
 
@@ -121,7 +159,8 @@ def build_networks(model: dict) -> tuple[Prompter, torch.nn.Module]:
     prompter = Prompter(num_classes=p_cfg["num_classes"], backbone=p_cfg["backbone"], levels=tuple(p_cfg["levels"]),
                         anchor_step=p_cfg["anchor_step"], fpn_channels=p_cfg.get("fpn_channels", 256),
                         mlp_hidden=p_cfg.get("mlp_hidden", 256))
-    segmentor = build_segmentor(variant=s_cfg["variant"], image_size=s_cfg["image_size"], **dict(s_cfg.get("overrides") or {}))
+    segmentor = build_segmentor(variant=s_cfg["variant"], image_size=s_cfg["image_size"],
+                                num_classes=s_cfg.get("num_classes", 0), **dict(s_cfg.get("overrides") or {}))
     for name, net in zip(PARTS, (prompter, segmentor)):
         net.load_state_dict(part_state_dict(model, name))
     return prompter.eval(), segmentor.eval()
@@ -149,5 +188,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", options: Pi
     """
     model = read_model_file(path)
     prompter, segmentor = build_networks(model)
-    network = PromptNucSeg(prompter, segmentor, options, class_table=model_class_table(model), **changes)
+    network = PromptNucSeg(prompter, segmentor, options, class_table=model_class_table(model),
+                           classifier=model.get("classifier", "prompter"),
+                           training_scale=model.get("training_scale"), **changes)
     return network.to(device).eval()

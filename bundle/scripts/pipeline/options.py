@@ -28,14 +28,28 @@ class PipelineOptions:
         prompter_tta: prompts from the prompter's 8 flips and quarter-turns of each tile, kept when found in 4.
         min_area: instances with fewer pixels (after overlap resolution) are dropped.
         tile_overlap: overlap between neighbouring prompter and encoder tiles.
-        prompter_tile_size: the prompter's tile size; None: the whole image at once.
+        prompter_tile_size: the prompter's largest tile; larger images are covered by the fewest tiles of at most
+            this size, shrunk to share the surplus out (:func:`scripts.pipeline.tiling.fitted_tile_size`: the work
+            grows with the image, not with how its size falls on the tiles). None: the whole image at once.
         chunk_size: prompts per mask-decoder call (bounds memory).
         encoder_batch: encoder tiles per encoder call.
-        encoder_tile_size: the segmentor encoder's tile size (multiple of 32); None: its input size for a ViT,
-            1024 for a convolutional encoder.
+        encoder_tile_size: the segmentor encoder's largest tile (multiple of 32; fitted likewise); None: its input
+            size for a ViT, 1536 for a convolutional encoder.
         whole_image_encoder: run a convolutional encoder on the whole image in one pass instead of tiles.
-        input_scale: resample the image by this factor first (the default model is trained at 40x, ~0.25 µm/px:
-            a 20x image takes 2.0); outputs are mapped back to the input's pixels.
+        input_scale: ``auto`` (decided per image or slide from its resolution metadata or its nuclei:
+            :mod:`scripts.pipeline.scale`), or resample the image by this factor first (the default model is trained
+            at 40x, 0.25 µm/px: a 20x image takes 2.0); outputs are mapped back to the input's pixels.
+        assembly: how masks become the instance map: ``ours`` (stitched embedding, each prompt decoded on the
+            window centred on it, overlaps by predicted IoU, one region per instance, ``min_area``) or
+            ``official`` (the authors' code: :mod:`scripts.pipeline.official`).
+        official_box_nms: the official assembly's box-NMS IoU threshold (0.3 Kumar, 0.5 CPM-17 and PanNuke).
+        decoder_tokens: tokens per side of the window each prompt is decoded on: the central part of the
+            segmentor's decoding window (``decoder_window``; None, or at least its tokens: all of it); the decoder's
+            time is proportional to
+            the tokens (16 of the shipped model's 24: 64 px of its 96 px, held-out PQ unchanged).
+        precision: ``bfloat16``: the prompter and the image encoder run under ``torch.autocast`` to bfloat16, the mask
+            decoder in bfloat16 (outputs stay float32); ``float32``; ``auto``: bfloat16 on CPUs with native
+            bfloat16 instructions (AVX512-BF16 or AMX), float32 elsewhere (older CPUs, GPUs).
     """
 
     num_neg: int = 1
@@ -46,12 +60,16 @@ class PipelineOptions:
     prompter_tta: bool = False
     min_area: int = 10
     tile_overlap: int = 128
-    prompter_tile_size: int | None = 1024
+    prompter_tile_size: int | None = 1536
     chunk_size: int = 128
     encoder_batch: int = 4
     encoder_tile_size: int | None = None
     whole_image_encoder: bool = False
-    input_scale: float = 1.0
+    input_scale: float | str = "auto"
+    assembly: str = "ours"
+    official_box_nms: float = 0.5
+    decoder_tokens: int | None = 16
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         convert = {
@@ -68,7 +86,11 @@ class PipelineOptions:
             "encoder_batch": lambda v, n: as_number(v, n, int, 1),
             "encoder_tile_size": lambda v, n: as_number(v, n, int, 32, optional=True),
             "whole_image_encoder": as_bool,
-            "input_scale": as_scale,
+            "input_scale": as_input_scale,
+            "assembly": lambda v, n: as_choice(v, n, ASSEMBLIES),
+            "official_box_nms": as_fraction,
+            "decoder_tokens": lambda v, n: as_number(v, n, int, 1, optional=True),
+            "precision": lambda v, n: as_choice(v, n, PRECISIONS),
         }
         for field in dataclasses.fields(self):
             object.__setattr__(self, field.name, convert[field.name](getattr(self, field.name), field.name))
@@ -87,6 +109,36 @@ def as_scale(value: Any, name: str) -> float:
     if not 0.1 <= scale <= 10:
         raise ValueError(f"{name} must be between 0.1 and 10, got {value!r}")
     return scale
+
+
+ASSEMBLIES = ("ours", "official")
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def as_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    """``value`` as one of ``choices`` (any case, surrounding blanks ignored); anything else names the option."""
+    word = value.strip().lower() if isinstance(value, str) else value
+    if word not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return word
+
+
+def as_fraction(value: Any, name: str) -> float:
+    """``value`` as a number in [0, 1] (the error names the option ``name``)."""
+    number = as_number(value, name, float, 0)
+    if number > 1:
+        raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
+    return number
+
+
+def as_input_scale(value: Any, name: str) -> float | str:
+    """``auto`` (any case) or a resampling factor (:func:`as_scale`); the error names the option ``name``."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return as_scale(value, name)
+    except ValueError as error:
+        raise ValueError(f"{error} (or 'auto')") from None
 
 
 def option_names() -> list[str]:

@@ -62,3 +62,16 @@ def _core_cuts(starts: list[int], size: int, length: int) -> list[int]:
         cuts.append((b + a + size) // 2)
     cuts.append(length)
     return cuts
+
+
+def fitted_tile_size(height: int, width: int, max_size: int, overlap: int, multiple: int = 32) -> int:
+    """The smallest tile size (a multiple of ``multiple``, at most ``max_size``) that covers an (H, W) image with as
+    few tiles per side as ``max_size`` does: tiles of ``max_size`` would overhang the image by up to a tile, the
+    fitted ones share the surplus out (a 4096 px image: 3 x 3 tiles of 1472 px instead of 3 x 3 of 1536 px, or
+    5 x 5 of 1024 px), so the pixels processed twice stay about the overlap's."""
+    length = max(height, width)
+    if length <= max_size:
+        return max_size if length == max_size else -(-length // multiple) * multiple
+    count = -(-(length - overlap) // (max_size - overlap))
+    fitted = -(-(length + (count - 1) * overlap) // count)
+    return min(max_size, -(-fitted // multiple) * multiple)

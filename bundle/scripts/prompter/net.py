@@ -175,9 +175,10 @@ class Prompter(nn.Module):
         pad_w = -width % self.pad_multiple
         return F.pad(x, (0, pad_w, 0, pad_h))
 
-    def pyramid(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Padded image (B, 3, Hp, Wp) -> {level l: P_l (B, D, Hp / 2**l, Wp / 2**l)} for l = 2..5."""
-        features = self.backbone(x)
+    def pyramid(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        """Padded image (B, 3, Hp, Wp) -> {level l: P_l (B, D, Hp / 2**l, Wp / 2**l)} for l = 2..5; ``features``:
+        the backbone's [C2, C3, C4, C5] of ``x`` when already computed."""
+        features = self.backbone(x) if features is None else features
         outputs = self.fpn(OrderedDict((str(level), f) for level, f in zip((2, 3, 4, 5), features)))
         return {int(k): v for k, v in outputs.items()}
 
@@ -185,11 +186,13 @@ class Prompter(nn.Module):
         """Features (B, P, D) of P_level at points (B, P, 2) (x, y) px."""
         return sample_at_points(pyramid[level], points, 2**level, self.cell_offsets[level])
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, features: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Predict prompts for a batch of images.
 
         Args:
             image: (B, 3, H, W) RGB float in [0, 255] (any H, W; padding happens inside).
+            features: optional backbone features [C2, C3, C4, C5] of ``self.preprocess(image)``, computed by the
+                caller (an image encoder shared with the segmentor, :mod:`scripts.training.joint`).
 
         Returns:
             dict with
@@ -200,7 +203,7 @@ class Prompter(nn.Module):
               ``coarse_points`` (B, A, 2): anchor + first offset (the step-2 sampling location).
         """
         batch, _, height, width = image.shape
-        pyramid = self.pyramid(self.preprocess(image))
+        pyramid = self.pyramid(self.preprocess(image), features)
 
         rows, cols = math.ceil(height / self.anchor_step), math.ceil(width / self.anchor_step)
         anchors = make_anchors(height, width, self.anchor_step, device=image.device)

@@ -21,6 +21,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from scripts.parse import as_bool
+from scripts.segmentor.classifier import CLASS_HEAD_KEYS, ClassifyingMaskDecoder
 from scripts.segmentor.conv_encoder import ConvImageEncoder
 from scripts.segmentor.net import Segmentor
 
@@ -80,6 +81,7 @@ def build_segmentor(
     freeze_prompt_encoder: bool = True,
     freeze_image_encoder: bool = False,
     freeze_mask_decoder: bool = False,
+    num_classes: int = 0,
     **overrides: Any,
 ) -> Segmentor:
     """Build a segmentor variant, optionally from an official SAM checkpoint (adapted to ``image_size``).
@@ -90,6 +92,8 @@ def build_segmentor(
         checkpoint: an official SAM ``.pth`` state dict (e.g. ``sam_vit_b_01ec64.pth``); None: random init
             (ViTDet-style truncated-normal init of the image encoder, for training from scratch).
         freeze_prompt_encoder, freeze_image_encoder, freeze_mask_decoder: set ``requires_grad=False``.
+        num_classes: C > 0 gives the mask decoder a [cls] token and a C + 1 logit head (the segmentor as classifier,
+            paper Table 8: :class:`scripts.segmentor.classifier.ClassifyingMaskDecoder`); 0: SAM's decoder.
         **overrides: any :class:`SegmentorSpec` field (e.g. ``patch_size=8``, ``window_size=16``).
 
     Raises:
@@ -126,7 +130,7 @@ def build_segmentor(
         input_image_size=(window, window),
         mask_in_chans=16,
     )
-    mask_decoder = MaskDecoder(
+    decoder_args = dict(
         num_multimask_outputs=3,
         transformer=TwoWayTransformer(
             depth=spec.decoder_depth,
@@ -138,7 +142,10 @@ def build_segmentor(
         iou_head_depth=3,
         iou_head_hidden_dim=256,
     )
-    config = {"variant": variant, "image_size": image_size, **dataclasses.asdict(spec)}
+    num_classes = int(num_classes)
+    mask_decoder = ClassifyingMaskDecoder(num_classes=num_classes, **decoder_args) if num_classes else MaskDecoder(
+        **decoder_args)
+    config = {"variant": variant, "image_size": image_size, "num_classes": num_classes, **dataclasses.asdict(spec)}
     config["global_attn_indexes"] = list(spec.global_attn_indexes)
     model = Segmentor(image_encoder, prompt_encoder, mask_decoder, image_size, config)
     if checkpoint is not None:
@@ -255,6 +262,8 @@ def load_sam_checkpoint(model: Segmentor, checkpoint: str | Path) -> Segmentor:
     if not isinstance(state, Mapping):
         raise ValueError(f"checkpoint {checkpoint} is not a state dict (got {type(state).__name__})")
     state = adapt_sam_state_dict(state, model)
+    fresh = {k: v for k, v in model.state_dict().items() if k.startswith(CLASS_HEAD_KEYS) and k not in state}
+    state = {**state, **fresh}  # a [cls] token and head start from their initialisation
     _check_state_dict(state, model, str(checkpoint))
     model.load_state_dict(state, strict=True)
     return model

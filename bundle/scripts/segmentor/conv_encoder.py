@@ -48,11 +48,12 @@ class ConvImageEncoder(nn.Module):
             LayerNorm2d(out_chans),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) → (B, out_chans, H/stride, W/stride)."""
+    def forward(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) → (B, out_chans, H/stride, W/stride); ``features``: the backbone's four stages of ``x`` when
+        already computed (the backbone shared with the prompter, :mod:`scripts.training.joint`)."""
         size = (x.shape[-2] // self.stride, x.shape[-1] // self.stride)
         fused = 0
-        for proj, feature in zip(self.proj, self.backbone(x)):
+        for proj, feature in zip(self.proj, self.backbone(x) if features is None else features):
             projected = proj(feature)
             if projected.shape[-2:] != size:
                 projected = F.interpolate(projected, size=size, mode="bilinear", align_corners=False)

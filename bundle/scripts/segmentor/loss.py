@@ -16,6 +16,9 @@ scratch on CoNSeP with the paper's loss collapses to empty masks within ~20 step
 The dice term (already normalised by the foreground) and the actual IoU always use the whole mask, so false
 positives far from the nucleus are still penalised when the pixel term is cropped. Padding prompts
 (``valid`` False) are ignored; every term is averaged over the valid prompts of the batch.
+
+A segmentor that classifies (paper Table 8, :mod:`scripts.segmentor.classifier`) adds ``class_weight`` (paper 1) x a
+multi-class (softmax) focal loss of its [cls] logits, averaged over the valid prompts of known class.
 """
 
 from __future__ import annotations
@@ -85,16 +88,21 @@ class SegmentorLoss(nn.Module):
             add ``outside_weight`` x the mean over the pixels outside it (all background), so the few pixels near
             the nucleus are not outvoted by the tile while far false positives still cost.
         dice_smooth: added to the dice numerator and denominator (1, as in SAM / DETR's dice).
+        class_weight, class_gamma: weight (paper 1) and focusing parameter of the class term (with ``class_logits``).
 
     Forward args:
         mask_logits: (B, Z, H, W) or (N, H, W) logits; upsampled bilinearly when smaller than the target.
         iou_pred: (B, Z) or (N,).
         target: same leading shape as the logits, (..., H, W) binary masks.
         valid: optional (B, Z) or (N,) bool; False rows are ignored.
+        class_logits: optional (B, Z, C + 1) or (N, C + 1) [cls] logits (last = background).
+        classes: their targets, (B, Z) or (N,) class indices 0..C-1; -1 (unknown) is ignored. Required with
+            ``class_logits``.
 
     Returns:
         ``{"loss", "mask", "dice", "iou", "iou_actual"}``: total, the three unweighted terms, and the mean actual
-        IoU of the thresholded predictions (detached, for logging).
+        IoU of the thresholded predictions (detached, for logging); with ``class_logits`` also ``"cls"``, the
+        unweighted class term (weight ``class_weight``, paper 1; focal ``class_gamma`` 2).
     """
 
     def __init__(
@@ -111,6 +119,8 @@ class SegmentorLoss(nn.Module):
         box_margin: int = 16,
         outside_weight: float = 1.0,
         dice_smooth: float = 1.0,
+        class_weight: float = 1.0,
+        class_gamma: float = 2.0,
     ) -> None:
         super().__init__()
         if mask_loss not in ("focal", "bce"):
@@ -126,6 +136,8 @@ class SegmentorLoss(nn.Module):
         self.outside_weight = float(outside_weight)
         self.focal = FocalLoss(use_softmax=False, gamma=focal_gamma, alpha=focal_alpha, reduction="none")
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=dice_smooth, smooth_dr=dice_smooth)
+        self.class_weight = float(class_weight)
+        self.class_focal = FocalLoss(use_softmax=True, to_onehot_y=True, gamma=class_gamma, reduction="none")
 
     def _reduce(self, per_px: torch.Tensor, target: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         """Per-prompt (N,) reduction of the pixel loss over ``region`` ("mean" or "balanced")."""
@@ -146,7 +158,42 @@ class SegmentorLoss(nn.Module):
         iou_pred: torch.Tensor,
         target: torch.Tensor,
         valid: torch.Tensor | None = None,
+        class_logits: torch.Tensor | None = None,
+        classes: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        terms = self.mask_terms(mask_logits, iou_pred, target, valid)
+        if class_logits is None:
+            return terms
+        class_term = self.class_term(class_logits, classes, valid)
+        return {**terms, "loss": terms["loss"] + self.class_weight * class_term, "cls": class_term.detach()}
+
+    def class_term(self, class_logits: torch.Tensor, classes: torch.Tensor | None,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax focal loss of (..., C + 1) logits against class indices (...,) (-1 ignored), averaged over the
+        valid prompts of known class; a zero tied to the graph when there is none."""
+        if classes is None:
+            raise ValueError("class_logits were given without their classes (the prompts' 'prompt_classes')")
+        logits = class_logits.reshape(-1, class_logits.shape[-1])
+        classes = classes.reshape(-1).to(logits.device).long()
+        if classes.shape[0] != logits.shape[0]:
+            raise ValueError(f"class_logits {tuple(class_logits.shape)} and classes {tuple(classes.shape)} disagree")
+        if classes.numel() and int(classes.max()) >= logits.shape[-1] - 1:
+            raise ValueError(f"classes must lie in 0..{logits.shape[-1] - 2} (or -1: unknown), got {int(classes.max())}")
+        known = classes >= 0
+        if valid is not None:
+            known &= valid.reshape(-1).bool().to(known.device)
+        if not known.any():
+            return logits.sum() * 0.0
+        return self.class_focal(logits[known], classes[known, None]).sum(-1).mean()
+
+    def mask_terms(
+        self,
+        mask_logits: torch.Tensor,
+        iou_pred: torch.Tensor,
+        target: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Eq. 2's terms of the masks and their predicted IoU (``forward`` without the class term)."""
         h, w = target.shape[-2:]
         logits = mask_logits.reshape(-1, *mask_logits.shape[-2:])
         iou_pred = iou_pred.reshape(-1)

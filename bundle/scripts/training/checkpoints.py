@@ -106,6 +106,9 @@ class TrainingCheckpointer:
             it exists; a bool or a boolean word (``"false"``, ``"0"``...; anything else is an error naming
             ``resume``).
         extra: plain values stored in every checkpoint (e.g. the network's construction arguments).
+        ema: a :class:`scripts.training.ema.WeightEMA` of the network; when it is on, ``last.pt`` also keeps the
+            averaged weights (entry ``ema``, resumed with the rest) and ``best.pt`` stores them instead of the raw
+            ones (the weights validation measured).
     """
 
     rank_zero_only = True
@@ -120,10 +123,14 @@ class TrainingCheckpointer:
         evaluator: Engine | None = None,
         resume: bool | str = True,
         extra: dict | None = None,
+        ema: Any = None,
     ) -> None:
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
         self.network_key = network_key
+        self.best_network = self.save_dict.get(network_key)  # the weights best.pt stores
+        if ema is not None and ema.enabled:
+            self.save_dict["ema"] = self.best_network = ema.network
         self.key_metric = key_metric
         self.evaluator = evaluator
         self.resume = as_bool(resume, "resume")
@@ -215,9 +222,8 @@ class TrainingCheckpointer:
         metric = self._current_metric(epoch)
         improved = self.best.update(metric, epoch) if metric is not None else self.key_metric is None
         if improved:
-            network = self.save_dict[self.network_key]
             atomic_torch_save(
-                {"network": network.state_dict(), "epoch": epoch, "metric": self.best.value,
+                {"network": self.best_network.state_dict(), "epoch": epoch, "metric": self.best.value,
                  "key_metric": self.key_metric, **self.extra},
                 self.best_path,
             )

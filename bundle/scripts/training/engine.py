@@ -50,7 +50,7 @@ class PrompterBatch:
 
 class SegmentorBatch:
     """``prepare_batch`` of the segmentor: inputs = image; args = prompt coords (x, y px) and labels; targets =
-    masks."""
+    masks (and, when the batch has them, the prompts' classes 0..C-1, -1 unknown: ``prompt_classes``)."""
 
     def __call__(self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False,
                  **kwargs: Any) -> tuple[torch.Tensor, dict, tuple, dict]:
@@ -60,6 +60,8 @@ class SegmentorBatch:
         labels = torch.as_tensor(batchdata["prompt_labels"]).long().to(device)
         valid = torch.as_tensor(batchdata["prompt_valid"]).bool().to(device)
         targets = {"masks": torch.as_tensor(batchdata["prompt_masks"]).float().to(device), "valid": valid}
+        if "prompt_classes" in batchdata:
+            targets["classes"] = torch.as_tensor(batchdata["prompt_classes"]).long().to(device)
         return image, targets, (coords, labels, valid), {}
 
 
@@ -93,7 +95,8 @@ class PrompterObjective(LossWithTerms):
 
 class SegmentorObjective(LossWithTerms):
     """:class:`scripts.segmentor.loss.SegmentorLoss` on the targets of :class:`SegmentorBatch`, each target mask
-    cropped to its prompt's decoding window (``pred["window_origins"]``, when the segmentor gives them)."""
+    cropped to its prompt's decoding window (``pred["window_origins"]``, when the segmentor gives them); the class
+    term when the segmentor classifies (``pred["class_logits"]``)."""
 
     def terms(self, pred: dict, targets: dict) -> dict[str, torch.Tensor]:
         masks = targets["masks"]
@@ -102,6 +105,9 @@ class SegmentorObjective(LossWithTerms):
             batch, prompts = masks.shape[:2]
             crops = crop_windows(masks.flatten(0, 1), pred["window_origins"].flatten(0, 1), logits.shape[-1])
             masks = crops.view(batch, prompts, *crops.shape[-2:])
+        if "class_logits" in pred:
+            return self.loss(logits, pred["iou_pred"], masks, targets["valid"], class_logits=pred["class_logits"],
+                             classes=targets.get("classes"))
         return self.loss(logits, pred["iou_pred"], masks, targets["valid"])
 
 
@@ -231,8 +237,10 @@ def decode_in_chunks(network: Any, embedding: torch.Tensor, coords: torch.Tensor
 
 
 def run_stages(stage: str, trainers: dict[str, Engine | None]) -> None:
-    """Run the trainers of ``stage`` in order: ``prompter``, ``segmentor`` or ``both`` (prompter first)."""
-    order = {"prompter": ["prompter"], "segmentor": ["segmentor"], "both": ["prompter", "segmentor"]}
+    """Run the trainers of ``stage`` in order: ``prompter``, ``segmentor``, ``both`` (prompter first) or ``joint``
+    (both networks on one shared image encoder, one trainer: :mod:`scripts.training.joint`)."""
+    order = {"prompter": ["prompter"], "segmentor": ["segmentor"], "both": ["prompter", "segmentor"],
+             "joint": ["joint"]}
     if stage not in order:
         raise ValueError(f"stage must be one of {sorted(order)}, got {stage!r}")
     for name in order[stage]:
