@@ -115,7 +115,9 @@ def tile(tile_path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model(model_file):
-    return load_model(model_file, "cpu")
+    # float32 on both sides (here and the server's ``--conf precision``): under ``precision auto`` (bfloat16 on this
+    # CPU) the two processes round differently and outlines move by a pixel; these tests compare exactly
+    return load_model(model_file, "cpu", precision="float32")
 
 
 def _free_port() -> int:
@@ -155,7 +157,7 @@ def server(tmp_path_factory, tile_path, model_file, tile) -> Server:
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
            "--host", "127.0.0.1", "--port", str(port), "--conf", "model_path", str(model_file),
            "--conf", "max_region_area", str(MAX_REGION_AREA), "--conf", "train_dir", str(root / "train"),
-           "--conf", "device", "cpu"]
+           "--conf", "device", "cpu", "--conf", "precision", "float32"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSIONS": "true",
            "MONAI_LABEL_SESSION_PATH": str(root / "sessions"), "TMPDIR": str(root / "tmp")}

@@ -136,7 +136,9 @@ def test_shipped_model_finds_the_scale_of_held_out_images(shared_data):
     from scripts.inference import image_tensor
     from scripts.pipeline.model_file import load_model
 
-    network = load_model("models/model.pt")
+    from conftest import BUNDLE_ROOT
+
+    network = load_model(str(BUNDLE_ROOT / "models" / "model.pt"))
     name = "TCGA-21-5786-01Z-00-DX1"  # in the default validation split
     at40 = list_dataset(str(shared_data / "monuseg_train"), subset="val", images=name)[0].load()
     crop = at40.image[:512, :512]

@@ -6,7 +6,7 @@ reference runs the (convolutional) encoder on the whole image in one pass (``who
 else is the same. On a synthetic 1024 x 1024 image with ~700 nuclei, many cut by the tiles' core borders:
 
 - with a translation-equivariant stand-in segmentor, tiled = untiled exactly (encoder tiles of 128 and 256 px);
-- with the model trained on synthetic data (segmentor at 128 px, encoder tiles of 512 px with 192 px overlap),
+- with the model trained on synthetic data (segmentor at 128 px, encoder tiles of 384 px with 192 px overlap, float32),
   PQ(untiled, tiled) >= 0.99 with the same prompts (measured 0.996; 0.990 with 128 px overlap, 0.95 with
   256 px tiles and 128 px overlap: a CNN encoder needs its context); with the prompter on 256 px tiles as well,
   the prompts found near the prompter's tile borders differ a little (measured 0.96).
@@ -110,12 +110,16 @@ def test_tiling_is_exact_for_an_equivariant_segmentor(record, tile_size):
     np.testing.assert_array_equal(tiled, reference)
 
 
-ENCODER_TILE, OVERLAP = 512, 192
+# 5 x 5 tiles of 384 px (a size that fits 1024 px exactly, so ``fitted_tile_size`` keeps it), 96 px of context
+ENCODER_TILE, OVERLAP = 384, 192
+FITTED_TILE = ENCODER_TILE
 
 
 @pytest.fixture(scope="module")
 def network(trained_model_path) -> PromptNucSeg:
-    return load_model(trained_model_path, "cpu", encoder_tile_size=ENCODER_TILE, tile_overlap=OVERLAP)
+    # float32: this file tests the tiling; bfloat16 (``precision auto`` on this CPU) rounds each tile differently
+    return load_model(trained_model_path, "cpu", encoder_tile_size=ENCODER_TILE, tile_overlap=OVERLAP,
+                      precision="float32")
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +155,13 @@ def cut_by_core_borders(inst_map: np.ndarray, size: int, overlap: int) -> int:
 
 @pytest.mark.slow
 def test_the_image_has_nuclei_cut_by_tile_borders(network, record, maps):
-    overlap = network.encoder_overlap(network.tile_size // network.segmentor.embedding_size[0], ENCODER_TILE)
-    assert network.tile_size == 128 and network.encoder_tile(SIZE, SIZE) == ENCODER_TILE and overlap == OVERLAP
+    overlap = network.encoder_overlap(network.tile_size // network.segmentor.embedding_size[0], FITTED_TILE)
+    assert network.tile_size == 128 and network.encoder_tile(SIZE, SIZE) == FITTED_TILE and overlap == OVERLAP
     assert record.inst_map.max() >= 650
-    assert cut_by_core_borders(record.inst_map, ENCODER_TILE, OVERLAP) >= 40
+    assert cut_by_core_borders(record.inst_map, FITTED_TILE, OVERLAP) >= 40
     # the predicted map too (a precondition of the comparison, not a quality bar: measured 39-45 as the trained
     # fixture model changes)
-    assert cut_by_core_borders(maps["reference"], ENCODER_TILE, OVERLAP) >= 30
+    assert cut_by_core_borders(maps["reference"], FITTED_TILE, OVERLAP) >= 30
     assert len(maps["prompts"]["points"]) >= 400
 
 
