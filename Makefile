@@ -1,5 +1,5 @@
 # The two commands of the quick start: `make demo` and `make test`; `make results` regenerates the shipped
-# model's pages (docs/results.md and the files it gathers) on a quiet machine (about 30 minutes on 2 cores).
+# model's pages (docs/results.md and the files it gathers) on a quiet machine (about 50 minutes on 2 cores).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -25,6 +25,8 @@ results: demo
 	$(PY) benchmarks/quality.py --work /tmp/quality
 	$(PY) benchmarks/ablation_inference.py --work /tmp/ablation_inference
 	$(PY) benchmarks/speed_vs_hovernet.py --threads 1 --compile
+	$(PY) benchmarks/bench_linear.py
+	$(PY) benchmarks/bench_slide.py
 	$(PY) benchmarks/results_page.py --demo_dir demo_output
 
 clean:

@@ -27,6 +27,7 @@ from scipy import ndimage
 from common import BUNDLE, DOCS, SHARED_DATA, machine_line
 from scripts.data.readers import list_items
 from scripts.io import wsi
+from scripts.pipeline.options import SlideOptions
 
 BLOCK = 1000  # px, one MoNuSeg image
 
@@ -116,8 +117,11 @@ def main() -> None:
             rows = list(csv.DictReader(f))
         ids = [int(r["id"]) for r in rows]
         assert len(set(ids)) == len(ids) == max(ids), "nucleus ids are not 1..N"
+        opts = SlideOptions()  # the defaults the command ran with
         with wsi.open_slide(slide) as opened:
-            tiles = len(wsi.iter_tiles(opened, 0, 2048, 256, wsi.tissue_mask(opened), 0.05))
+            mask = wsi.tissue_mask(opened, max_size=opts.thumbnail_size)
+            tiles = len(wsi.iter_tiles(opened, 0, opts.tile_size, opts.tile_overlap, mask, opts.min_tissue_fraction))
+        grid = len(range(0, args.size - opts.tile_size + 1, opts.tile_size - opts.tile_overlap)) ** 2
         total = killed["seconds"] + resumed["seconds"]
         lines = [
             "# A whole slide",
@@ -128,8 +132,8 @@ def main() -> None:
             f"Slide: {args.size} x {args.size} px at 0.25 µm/px (40x), 3 levels, JPEG tiles of 256 px "
             f"({slide.stat().st_size / 2**20:.0f} MiB); {tissue:.0%} of it tissue (islands filled with the 30 "
             "MoNuSeg training images), the rest glass. Command: `python -m monai.bundle run inference --config_file "
-            "configs/inference.json --input_file slide.tif --output_dir out` (defaults: tissue found on the coarsest "
-            "level, tiles of 2048 px with 256 px overlap, scale from the slide's metadata checked on 3 crops).",
+            f"configs/inference.json --input_file slide.tif --output_dir out` (defaults: tissue found on the coarsest "
+            "level, tiles of {opts.tile_size} px with {opts.tile_overlap} px overlap, scale from the slide's metadata checked on 3 crops).",
             "",
             "| run | seconds | peak memory (GiB) | tiles done |",
             "|---|---|---|---|",
@@ -138,9 +142,9 @@ def main() -> None:
             f"{tiles - done_before} of {tiles} |",
             "",
             f"Nuclei: **{len(rows)}** (ids 1..N, none twice) in {total:.0f} s of segmenting in all: "
-            f"**{len(rows) / total:.0f} nuclei per second**, {total / tiles:.1f} s per tissue tile of 2048 px; "
+            f"**{len(rows) / total:.0f} nuclei per second**, {total / tiles:.1f} s per tissue tile of {opts.tile_size} px; "
             f"{total / (tissue * args.size**2 / 1e6):.2f} s per tissue megapixel. The glass costs nothing: "
-            f"{tiles} of the {len(range(0, args.size - 2048 + 1, 1792)) ** 2}+ tiles of the grid are read.",
+            f"{tiles} of the {grid}+ tiles of the grid are read.",
             f"Last progress line: `{resumed['progress']}`",
             "",
         ]

@@ -38,6 +38,12 @@ LINKED = [
     ("benchmarks/pipeline.md", "pipeline stages, outputs and a 4096 px slide: time and memory"),
     ("benchmarks/assembly.md", "inference assembly: ours vs the official code's, `min_area`, a ViT on large images "
      "(shipped model, real data; vit_tiny, synthetic)"),
+    ("benchmarks/scale.md", "automatic input scale: 20x and 40x images without a hint (shipped model, real data)"),
+    ("benchmarks/linear_cost.md", "cost against image size: 16 tiles against their 4096 px mosaic, decoder time per "
+     "prompt (shipped model, real data)"),
+    ("benchmarks/slide.md", "a 20k x 20k px 40x pyramidal slide through `run inference`, killed and resumed"),
+    ("benchmarks/paper_tables_8_9.md", "paper Tables 8 and 9 at CPU scale: the segmentor as classifier, joint "
+     "training (CoNSeP)"),
     ("results/gpu.md", "on a GPU (H200): same nuclei as on the CPU, time per tile next to HoVer-Net, training on CUDA"),
     ("default_model.md", "how the default CPU model was chosen and trained"),
 ]

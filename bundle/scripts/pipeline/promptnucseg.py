@@ -160,13 +160,15 @@ class PromptNucSeg(nn.Module):
 
     def _ious_at(self, image: torch.Tensor, points: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
         """Predicted IoUs (len(rows),) of the prompts ``points[rows]`` decoded on the image resampled by ``scale``
-        (negatives: their nearest others among all ``points``)."""
+        (negatives: their nearest others among all ``points``), with the decoder's window and arithmetic of
+        :meth:`segment` (``decoder_tokens``, ``precision``), so that they pair with the IoUs of the first pass."""
         resampled = resample(image, scale)
         moved = scaled_points(points, scale)
         coords, labels = negative_prompts(moved, None, self.options.num_neg)
         device = self._device(self.segmentor)
         embedding = self.embed(resampled, moved[rows]).to(device)
-        _, ious, _ = decode_at_points(self.segmentor, embedding, coords[rows].to(device), labels[rows].to(device))
+        _, ious, _ = decode_at_points(self.segmentor, embedding, coords[rows].to(device), labels[rows].to(device),
+                                      tokens=self.options.decoder_tokens, dtype=self.dtype(self.segmentor))
         return ious.float().cpu()
 
     def _run(self, image: torch.Tensor, prompts: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -292,7 +294,8 @@ class PromptNucSeg(nn.Module):
 
     def embed(self, image: torch.Tensor, points: torch.Tensor | None = None) -> torch.Tensor:
         """Image embedding (C, Hc / stride, Wc / stride) of the image padded with white (glass) right / bottom to
-        a canvas (Hc, Wc): multiples of 32 px, at least the segmentor's input size.
+        a canvas (Hc, Wc): multiples of 32 px, at least the segmentor's input size; channels last in memory, in the
+        mask decoder's dtype (:meth:`dtype`).
 
         Tiled (default): the encoder runs on the tiles of the canvas (batches of ``encoder_batch``) whose core
         is needed by the decoding window of one of ``points`` (all tiles when ``points`` is None) and each tile
@@ -319,13 +322,15 @@ class PromptNucSeg(nn.Module):
                 jobs.append((tile, core))
         encode = self.segmentor.encode if tile_size == self.tile_size else self.segmentor.encode_whole
         embedding = None
+        stored = self.dtype(self.segmentor)  # the mask decoder's arithmetic: bfloat16 halves a large image's memory
         for start in range(0, len(jobs), self.options.encoder_batch):
             batch = jobs[start : start + self.options.encoder_batch]
             crops = torch.stack([canvas[:, t.y0 : t.y0 + tile_size, t.x0 : t.x0 + tile_size] for t, _ in batch])
             with self.autocast(self.segmentor):
-                encoded = encode(_conv_layout(crops.to(device))).float().contiguous().cpu()
-            if embedding is None:
-                embedding = encoded.new_zeros((encoded.shape[1], tokens_h, tokens_w))
+                encoded = encode(_conv_layout(crops.to(device))).to(stored).contiguous().cpu()
+            if embedding is None:  # channels last in memory: each prompt's window is gathered as whole token
+                # vectors (``decode_at_points``) without a copy of the image's embedding per chunk of prompts
+                embedding = encoded.new_zeros((tokens_h, tokens_w, encoded.shape[1])).permute(2, 0, 1)
             for (tile, (y0, y1, x0, x1)), tile_embedding in zip(batch, encoded):
                 ty, tx = tile.y0 // stride, tile.x0 // stride
                 embedding[:, y0:y1, x0:x1] = tile_embedding[:, y0 - ty : y1 - ty, x0 - tx : x1 - tx]

@@ -365,7 +365,8 @@ def decode_at_points(
     margin = grid // 2 - size // 2  # the decoded part's first token in the whole window centred on the prompt
     origins = window_origins(point_coords[:, 0], stride, size, tuple(embedding.shape[-2:]))
     rows, cols = window_index(origins, size, embedding.device)
-    # gathered channels last (whole token vectors), seen as (Z, C, size, size)
+    # gathered channels last (whole token vectors), seen as (Z, C, size, size); the pipeline's embeddings are
+    # channels last in memory already (``PromptNucSeg.embed``), so ``contiguous`` copies nothing
     windows = embedding.permute(1, 2, 0).contiguous()[rows, cols].permute(0, 3, 1, 2)
     offsets = origins * stride
     local = point_coords - offsets[:, None, :].to(point_coords)
