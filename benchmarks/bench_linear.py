@@ -27,6 +27,7 @@ from common import BUNDLE, DOCS, MODEL, SHARED_DATA, machine_line
 from scripts.data.readers import list_items
 from scripts.inference import image_tensor
 from scripts.pipeline.model_file import load_model
+from scripts.pipeline.options import PipelineOptions
 from scripts.segmentor.net import decode_at_points
 
 SIDE = 1024  # each part, px
@@ -116,7 +117,7 @@ def main() -> None:
               for k, v in runs.items()}
     ratio = median["mosaic"]["seconds"] / median["parts"]["seconds"]
     nuclei = median["mosaic"]["nuclei"] / median["parts"]["nuclei"] - 1
-    chunk = load_model(MODEL).options.chunk_size
+    chunk = PipelineOptions().chunk_size  # the default the runs above used
     counts = [20, 40, 150, 300]
     decoder = decoder_per_prompt(counts, sorted({16, 32, 64, 128, chunk}))
     lines = [

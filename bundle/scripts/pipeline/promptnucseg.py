@@ -294,8 +294,8 @@ class PromptNucSeg(nn.Module):
 
     def embed(self, image: torch.Tensor, points: torch.Tensor | None = None) -> torch.Tensor:
         """Image embedding (C, Hc / stride, Wc / stride) of the image padded with white (glass) right / bottom to
-        a canvas (Hc, Wc): multiples of 32 px, at least the segmentor's input size; channels last in memory, in the
-        mask decoder's dtype (:meth:`dtype`).
+        a canvas (Hc, Wc): multiples of 32 px, at least the segmentor's input size. The tiled embedding is channels
+        last in memory and in the mask decoder's dtype (:meth:`dtype`); the one-pass embedding is float32.
 
         Tiled (default): the encoder runs on the tiles of the canvas (batches of ``encoder_batch``) whose core
         is needed by the decoding window of one of ``points`` (all tiles when ``points`` is None) and each tile
