@@ -235,3 +235,41 @@ def test_shift_equivariance_of_aux_map_and_anchor_outputs():
     cells = size // 8
     grid_a, grid_b = a["pred_logits"].reshape(cells, cells, -1), b["pred_logits"].reshape(cells, cells, -1)
     torch.testing.assert_close(grid_a[: cells - dy // 8, : cells - dx // 8], grid_b[dy // 8 :, dx // 8 :], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (50, 77)])
+def test_region_logits_at_points_are_the_map_values_there(size):
+    """Inference evaluates the nuclear-region head on the P2 cells its points read only: the same logits as the whole
+    map at the pixel nearest each point, points on the image borders and outside it included."""
+    from scripts.prompter.decode import decode_prompts, sample_mask_probability
+
+    height, width = size
+    net = small_prompter()
+    image = torch.rand(1, 3, height, width) * 255
+    with torch.no_grad():
+        full = net(image)
+        lean = net(image, region_map=False)
+        assert "aux_logits" not in lean and lean["aux_features"].shape[:2] == (1, 32)
+        torch.testing.assert_close(lean["pred_points"], full["pred_points"])
+        points = torch.cat([torch.rand(200, 2) * torch.tensor([width - 1.0, height - 1.0]),
+                            torch.tensor([[0.0, 0.0], [width - 1.0, height - 1.0], [-3.0, 5.0], [width + 2.0, 1.0]])])
+        at_points = net.region_logits_at(lean["aux_features"], points, size)
+        expected = full["aux_logits"][0, 0].reshape(-1)
+        cols = torch.floor(points[:, 0] + 0.5).long().clamp(0, width - 1)
+        rows = torch.floor(points[:, 1] + 0.5).long().clamp(0, height - 1)
+        torch.testing.assert_close(at_points, expected[rows * width + cols], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(at_points.sigmoid(), sample_mask_probability(full["aux_logits"][0], points),
+                                   rtol=1e-5, atol=1e-5)
+        # decoding with the map, or with the head at the candidates only, keeps the same prompts; the logits are
+        # centred on the map's median so that the region filter keeps about half of them
+        centre = float(full["aux_logits"].median())
+        logits = full["pred_logits"].clone()
+        logits[..., -1] = -10.0  # every anchor a nucleus: the region filter decides
+        with_map = {**full, "pred_logits": logits, "aux_logits": full["aux_logits"] - centre}
+        a = decode_prompts(with_map, size, nms_radius=None)[0]
+        b = decode_prompts({**lean, "pred_logits": logits}, size, nms_radius=None,
+                           region_logits_at=lambda p2, pts, sz: net.region_logits_at(p2, pts, sz) - centre)[0]
+        assert 0 < len(a["points"]) < full["pred_points"].shape[1]
+        torch.testing.assert_close(a["points"], b["points"])
+    with pytest.raises(KeyError, match="aux_logits"):
+        decode_prompts(lean, size)  # P2 without the head to read it

@@ -111,6 +111,50 @@ def test_an_image_with_few_nuclei_follows_its_run():
     assert few(torch.rand(3, 100, 100) * 255)["scale"].scale == 2.0
 
 
+def test_a_run_of_tiles_settles_and_spot_checks():
+    """Once the last checked tiles each reached the run's verdict alone, a tile follows the run without its own
+    check, except every ``check_every``-th; a tile that disagrees unsettles the run; a large image always checks."""
+    rule = ScaleRule()
+    small = int((0.4 * NUCLEUS_AREA) ** 0.5)  # 20x tiles: clearly surer at scale 2
+    run = StubPipeline(small, {1.0: 0.60, 2.0: 0.70}, 100)
+    tile = torch.rand(3, 100, 100) * 255  # 36 nuclei: a tile (at most follow_nuclei)
+    scales = [run(tile)["scale"].scale for _ in range(20)]
+    assert scales == [2.0] * 20
+    checks = len(run.checked)
+    # settled after settle_images agreeing checks; then one check in every check_every tiles
+    assert checks == rule.settle_images + (20 - rule.settle_images) // rule.check_every, run.checked
+    assert run.checked == [2.0] * checks
+    big = torch.rand(3, 200, 200) * 255  # 100 nuclei: more than follow_nuclei, checks itself
+    before = len(run.checked)
+    run(big)
+    run(big)
+    assert len(run.checked) == before + 2
+    # the source changes: the next tiles' own checks say 40x (gain -0.05); the first spot check unsettles the run
+    run.iou_at = {1.0: 0.60, 2.0: 0.55}
+    for _ in range(rule.check_every):
+        run(tile)
+    assert run.run_evidence.agreeing[2.0] == 0
+    before = len(run.checked)
+    run(tile)
+    assert len(run.checked) == before + 1  # checked again until it settles anew
+
+
+def test_run_evidence_follows_only_a_settled_verdict():
+    from scripts.pipeline.scale import RunEvidence
+
+    rule, evidence = ScaleRule(), RunEvidence()
+    assert evidence.follow(2.0, 30, rule) is None  # no evidence
+    for _ in range(rule.settle_images):
+        evidence.add(2.0, -0.1, rule.run_nuclei, False, rule)
+    assert evidence.follow(2.0, 30, rule) is False and evidence.follow(0.5, 30, rule) is None  # per candidate
+    assert evidence.follow(2.0, rule.follow_nuclei + 1, rule) is None  # not a tile
+    for _ in range(rule.check_every - 2):
+        assert evidence.follow(2.0, 30, rule) is False
+    assert evidence.follow(2.0, 30, rule) is None  # a spot check is due
+    evidence.add(2.0, 0.9, 16, True, rule)  # it disagrees with the run (still "stay" on the whole)
+    assert evidence.verdict(2.0, rule) is False and evidence.follow(2.0, 30, rule) is None
+
+
 def test_a_given_scale_wins_and_metadata_comes_before_the_nuclei():
     small = int((0.4 * NUCLEUS_AREA) ** 0.5)
     given = StubPipeline(small, {1.0: 0.6, 2.0: 0.9}, 100, input_scale=1)

@@ -14,6 +14,12 @@
    can, given enough nuclei: an image with few (a sparse tile) follows the evidence of the images segmented
    before it in the same run (:class:`RunEvidence`, kept by the network).
 
+A tile's check costs about as much as its segmentation (its sample is most of its nuclei, re-encoded at twice the
+size), so in a run of tiles the check settles: once the last checked tiles each reached the run's verdict on their
+own evidence, a tile (at most ``follow_nuclei`` nuclei) follows the run without a check, and every
+``check_every``-th such tile is still checked (a tile that disagrees unsettles the run). Images with more nuclei
+always check themselves.
+
 A given number wins. The choice (scale, source, the image's µm/px when known) goes with the outputs.
 Measurements: docs/benchmarks/scale.md.
 """
@@ -51,6 +57,9 @@ class ScaleRule:
             itself included, each weighted by its sampled nuclei) once that holds ``run_nuclei``: the candidate
             wins when the run's mean gain exceeds ``run_margin``; before that it decides alone.
         mpp_tolerance: a metadata scale within this ratio of 1 is taken as 1 (0.25 vs 0.2527 µm/px).
+        follow_nuclei, settle_images, check_every: an image with at most ``follow_nuclei`` nuclei follows the run
+            without its own check once the last ``settle_images`` checked images each reached the run's verdict
+            on their own evidence; every ``check_every``-th image that could follow is checked all the same.
     """
 
     small: float = 1.2
@@ -64,6 +73,9 @@ class ScaleRule:
     run_nuclei: int = 32
     run_margin: float = 0.03
     mpp_tolerance: float = 1.15
+    follow_nuclei: int = 64
+    settle_images: int = 4
+    check_every: int = 4
 
     def own_verdict(self, gain: float, area: float, nucleus_area: float) -> bool:
         """Whether a mean IoU ``gain`` at the candidate scale is enough, alone, for nuclei of median ``area`` px²."""
@@ -71,20 +83,41 @@ class ScaleRule:
 
 
 class RunEvidence:
-    """The paired IoU gains seen so far in a run, per candidate scale (sum of gain x nuclei, nuclei)."""
+    """The scale checks of a run, per candidate scale: the paired IoU gains (sum of gain x nuclei, nuclei), how
+    many checked images in a row reached the run's verdict on their own evidence, and how many images followed the
+    run since its last check."""
 
     def __init__(self) -> None:
         self.totals: dict[float, list[float]] = {}
+        self.agreeing: dict[float, int] = {}
+        self.followed: dict[float, int] = {}
 
-    def add(self, candidate: float, gain: float, nuclei: int) -> None:
+    def add(self, candidate: float, gain: float, nuclei: int, own_verdict: bool | None = None,
+            rule: ScaleRule = ScaleRule()) -> None:
+        """One image's check: its mean ``gain`` over ``nuclei`` sampled nuclei and its ``own_verdict``
+        (:meth:`ScaleRule.own_verdict`; None: not counted towards settling)."""
         total = self.totals.setdefault(candidate, [0.0, 0])
         total[0] += gain * nuclei
         total[1] += nuclei
+        self.followed[candidate] = 0
+        run = self.verdict(candidate, rule)
+        agrees = own_verdict is not None and run is not None and own_verdict == run
+        self.agreeing[candidate] = self.agreeing.get(candidate, 0) + 1 if agrees else 0
 
     def verdict(self, candidate: float, rule: ScaleRule) -> bool | None:
         """Whether the run's evidence takes ``candidate`` (None: not enough evidence yet)."""
         gain_sum, nuclei = self.totals.get(candidate, (0.0, 0))
         return None if nuclei < rule.run_nuclei else gain_sum / nuclei > rule.run_margin
+
+    def follow(self, candidate: float, nuclei: int, rule: ScaleRule) -> bool | None:
+        """The run's verdict for an image of ``nuclei`` nuclei to take without a check of its own, or None: check
+        it (the run has not settled, the image is not a tile, or a spot check is due). Counts the followers."""
+        run = self.verdict(candidate, rule)
+        settled = run is not None and self.agreeing.get(candidate, 0) >= rule.settle_images
+        if nuclei > rule.follow_nuclei or not settled or self.followed.get(candidate, 0) >= rule.check_every - 1:
+            return None
+        self.followed[candidate] = self.followed.get(candidate, 0) + 1
+        return run
 
 
 @dataclass(frozen=True)
@@ -93,8 +126,8 @@ class ScaleChoice:
 
     Attributes:
         scale: the resampling factor applied (2.0: a 20x image enlarged for a 40x model).
-        source: ``given`` (a number), ``metadata`` (the image's mpp), ``nuclei`` (the automatic check) or
-            ``default`` (``auto`` found no reason to resample).
+        source: ``given`` (a number), ``metadata`` (the image's mpp), ``nuclei`` (the automatic check: its own, or
+            a settled run's for a tile) or ``default`` (``auto`` found no reason to resample).
         mpp: the input image's µm/px when known (its metadata; or the training mpp / scale when given or found).
         note: why (for the log).
     """

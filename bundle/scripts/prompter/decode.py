@@ -5,6 +5,8 @@ Points are (x, y) px (integer = pixel centre); returned classes are type ids 1..
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -56,6 +58,7 @@ def decode_prompts(
     mask_filter: bool = True,
     mask_threshold: float = 0.5,
     nms_radius: float | None = 12,
+    region_logits_at: Callable[[torch.Tensor, torch.Tensor, tuple[int, int]], torch.Tensor] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Point prompts per image from a :class:`scripts.prompter.net.Prompter` output dict.
 
@@ -69,8 +72,11 @@ def decode_prompts(
     ``mask_filter=False``); greedy point NMS within ``nms_radius`` px (off with None or 0).
 
     Args:
-        outputs: ``pred_points`` (B, A, 2) (x, y) px, ``pred_logits`` (B, A, C + 1), ``aux_logits`` (B, 1, H, W).
+        outputs: ``pred_points`` (B, A, 2) (x, y) px, ``pred_logits`` (B, A, C + 1), ``aux_logits`` (B, 1, H, W)
+            (or ``aux_features``, P2, with ``region_logits_at``).
         image_size: (H, W) of the input image in px.
+        region_logits_at: :meth:`~scripts.prompter.net.Prompter.region_logits_at` (or a wrapper) to evaluate the
+            nuclear-region head at the candidate points only, from ``aux_features``, instead of a whole map.
 
     Returns:
         B dicts ``{"points": (K, 2) float (x, y) px, "classes": (K,) int64 in 1..C, "scores": (K,) float}``,
@@ -80,9 +86,11 @@ def decode_prompts(
     pred_points, logits = outputs["pred_points"], outputs["pred_logits"]
     aux = outputs.get("aux_logits")
     mask_filter = as_bool(mask_filter, "mask_filter")
-    if mask_filter:
+    at_points = aux is None and region_logits_at is not None and "aux_features" in outputs
+    if mask_filter and not at_points:
         if aux is None:
-            raise KeyError("decode_prompts: mask_filter=True needs outputs['aux_logits']")
+            raise KeyError("decode_prompts: mask_filter=True needs outputs['aux_logits'] (or 'aux_features' and "
+                           "region_logits_at)")
         if tuple(aux.shape[-2:]) != (height, width):
             raise ValueError(f"aux_logits size {tuple(aux.shape[-2:])} does not match image_size {(height, width)}")
     probs = logits.float().softmax(-1)
@@ -101,7 +109,11 @@ def decode_prompts(
         points = torch.minimum(pred_points[b][keep].clamp(min=0), upper)
         scores, classes = scores[keep], classes[keep]
         if mask_filter:
-            inside = sample_mask_probability(aux[b], points) > mask_threshold
+            if at_points:
+                region = region_logits_at(outputs["aux_features"][b : b + 1], points, image_size).float().sigmoid()
+            else:
+                region = sample_mask_probability(aux[b], points)
+            inside = region > mask_threshold
             points, scores, classes = points[inside], scores[inside], classes[inside]
         if nms_radius:
             order = point_nms(points, scores, nms_radius)
