@@ -138,10 +138,13 @@ def instrumented(network, watch: Stopwatch) -> Iterator[None]:
     after. Names: "prompter network", "prompt decoding + NMS", "encoder", "decoder", "stitching"."""
     import scripts.pipeline.promptnucseg as pipeline
 
-    patches = [(network.prompter, "forward", "prompter network"), (network.segmentor, "encode", "encoder"),
-               (network.segmentor, "encode_whole", "encoder"),
-               (network.segmentor, "decode_windows", "decoder"), (network, "_paint", "stitching"),
+    patches = [(network.segmentor, "decode_windows", "decoder"), (network, "_paint", "stitching"),
                (network, "_relabel", "stitching")]
+    # the networks as the pipeline runs them: themselves, or their copies with bfloat16 weights (``lowered``)
+    for prompter in {id(m): m for m in (network.prompter, network.lowered(network.prompter))}.values():
+        patches.append((prompter, "forward", "prompter network"))
+    for segmentor in {id(m): m for m in (network.segmentor, network.lowered(network.segmentor))}.values():
+        patches += [(segmentor, "encode", "encoder"), (segmentor, "encode_whole", "encoder")]
     module_patches = [("decode_prompts", "prompt decoding + NMS"), ("point_nms", "prompt decoding + NMS")]
     originals = {name: getattr(pipeline, name) for name, _ in module_patches}
     for obj, attr, name in patches:

@@ -18,7 +18,8 @@
    ``evaluating`` command on the validation split of CoNSeP and MoNuSeg), with the lever and without.
 4. ``torch.compile`` of the mask decoder (``--compile``, minutes): its compile time and the decoder's time after.
 
-Threads: ``torch.set_num_threads(--threads)`` (default 1, for both methods: the machine is shared with a training).
+Threads: ``torch.set_num_threads(--threads)`` (default 1, for both methods: one core's time, on a 2-core machine shared
+with other work).
 Writes ``docs/results/speed.md``.
 
     .venv/bin/python benchmarks/speed_vs_hovernet.py [--threads 1] [--min_nuclei 30] [--block 8] [--quick]
@@ -221,7 +222,7 @@ def stage_flops(network, hovernet: HoverNetRunner, record: NucleusRecord, prompt
     labels = torch.tensor([[1, 0]]).expand(prompts, 2)
     tokens = network.options.decoder_tokens
     return {
-        "prompter network": flops(lambda: network.prompter(tensor)),
+        "prompter network": flops(lambda: network.prompter(tensor, region_map=False)),  # as the pipeline runs it
         "encoder": flops(lambda: network.segmentor.encode(tensor)),
         "decoder": flops(lambda: decode_at_points(network.segmentor, embedding, points, labels, tokens=tokens)),
         "hovernet": flops(lambda: hovernet.forward(record.image)),
@@ -232,7 +233,8 @@ def stage_flops(network, hovernet: HoverNetRunner, record: NucleusRecord, prompt
 @dataclass
 class Lever:
     """One lever: the default against the default with ``pipeline`` options changed, ``write_ahead`` changed, or
-    a module constant ``patch`` ((module, name, value)) set while the variant runs."""
+    an attribute ``patch`` ((module, dotted name, value): a module constant or a class's method) set while the variant
+    runs."""
 
     name: str
     what: str
@@ -267,7 +269,22 @@ def levers(network) -> list[Lever]:
         Lever("decoder chunk", f"--pipeline#chunk_size 16 vs {defaults.chunk_size} prompts per decoder call",
               pipeline={"chunk_size": 16}),
     ]
+    from scripts.pipeline.promptnucseg import PromptNucSeg
+
+    run_prompter = PromptNucSeg.run_prompter
+    rows += [
+        Lever("weights kept in bfloat16", "the convolution and linear weights cast once (a copy kept by the pipeline) "
+              "vs cast by autocast on every call (outputs bit for bit equal)",
+              patch=("scripts.pipeline.promptnucseg", "PromptNucSeg.lowered", lambda self, module: module)),
+        Lever("region head at the candidates", "the prompter's nuclear-region head on the P2 cells the candidate "
+              "points read vs over the whole map, resampled to every pixel",
+              patch=("scripts.pipeline.promptnucseg", "PromptNucSeg.run_prompter",
+                     lambda self, batch, region_map=True: run_prompter(self, batch))),
+    ]
     if defaults.input_scale == "auto":  # the scale chosen per image from its nuclei: a second pass on some tiles
+        rows.append(Lever("scale check settles in a run", "a tile follows a settled run of tiles (every 4th still "
+                          "checked) vs every tile checked (held-out PQ the same: docs/benchmarks/scale.md)",
+                          patch=("scripts.pipeline.scale", "RunEvidence.follow", lambda self, *args: None)))
         rows.append(Lever("automatic input scale", "--pipeline#input_scale auto vs 1.0 (these tiles are 40x)",
                           pipeline={"input_scale": 1.0}, numerics=True))
     return rows
@@ -280,13 +297,16 @@ def patched(patch: tuple | None) -> Iterator[None]:
         return
     import importlib
 
-    module = importlib.import_module(patch[0])
-    original = getattr(module, patch[1])
-    setattr(module, patch[1], patch[2])
+    owner = importlib.import_module(patch[0])  # the attribute may be dotted: a class's method
+    *path, name = patch[1].split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    original = getattr(owner, name)
+    setattr(owner, name, patch[2])
     try:
         yield
     finally:
-        setattr(module, patch[1], original)
+        setattr(owner, name, original)
 
 
 def measure_lever(lever: Lever, default_net, model: Path, folders: list[Path], work: Path, rounds: int) -> dict:
@@ -367,7 +387,7 @@ def markdown(info: dict, command: str, model_note: str, tiles_note: str, options
         "",
         f"Command: `{command}` ({info['date']}).",
         f"Machine: {info['cpu']}, {info['cores']} cores, **{info['threads']} torch thread** for both methods "
-        f"(the machine is shared with a training), torch {info['torch']}; load average {info['load'][0]:.1f} at "
+        f"(one core's time, on a machine shared with other work), torch {info['torch']}; load average {info['load'][0]:.1f} at "
         f"the start, {os.getloadavg()[0]:.1f} at the end.",
         f"Model: {model_note}; the pipeline's defaults (`{_options_note(options)}`; precision here: "
         f"{precision.replace('bf16', 'bfloat16').replace('fp32', 'float32')}).",
@@ -399,7 +419,8 @@ def markdown(info: dict, command: str, model_note: str, tiles_note: str, options
         f"{sum(fl[s] for s in ('prompter network', 'encoder', 'decoder')) / 1e9:.2f} | "
         f"{sum(fl[s] for s in ('prompter network', 'encoder', 'decoder')) / 1e9 / rate:.3f} |",
         f"| &nbsp; prompter network | {med['prompter network']:.3f} | {bound('prompter network')} |",
-        f"| &nbsp; prompt decoding + NMS | {med['prompt decoding + NMS']:.3f} | – | – |",
+        f"| &nbsp; prompt decoding + NMS (the region head at the candidates included) | "
+        f"{med['prompt decoding + NMS']:.3f} | – | – |",
         f"| &nbsp; segmentor image encoder | {med['encoder']:.3f} | {bound('encoder')} |",
         f"| &nbsp; mask decoder ({stages['nuclei']:.0f} prompts) | {med['decoder']:.3f} | {bound('decoder')} |",
         f"| &nbsp; stitching (painting, one region per nucleus) | {med['stitching']:.3f} | – | – |",
@@ -465,7 +486,7 @@ def main() -> None:
     parser.add_argument("--min_nuclei", type=int, default=30, help="ground-truth nuclei a benchmark tile has at least")
     parser.add_argument("--block", type=int, default=8, help="tiles per block (per `run inference` call)")
     parser.add_argument("--rounds", type=int, default=1, help="passes over the tiles for the HoVer-Net comparison")
-    parser.add_argument("--lever_tiles", type=int, default=8, help="tiles per lever comparison (2 rounds)")
+    parser.add_argument("--lever_tiles", type=int, default=16, help="tiles per lever comparison (3 rounds)")
     parser.add_argument("--no_quality", action="store_true", help="skip the held-out PQ of the numerics levers")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the mask decoder")
     parser.add_argument("--quick", action="store_true", help="8 tiles, no quality (smoke run)")
@@ -495,7 +516,7 @@ def main() -> None:
         rows = []
         default_quality = None
         for lever in levers(network):
-            t = measure_lever(lever, network, model, lever_folders, work, rounds=2)
+            t = measure_lever(lever, network, model, lever_folders, work, rounds=3)
             quality = None
             if lever.numerics and not (args.no_quality or args.quick):
                 if default_quality is None:

@@ -99,7 +99,7 @@ def test_pipeline_option_runs_the_views(prompter, monkeypatch):
     image whose sides are not multiples of the anchor step, and its points lie in the image."""
     calls = []
     original = prompter.forward
-    monkeypatch.setattr(prompter, "forward", lambda x: calls.append(tuple(x.shape)) or original(x))
+    monkeypatch.setattr(prompter, "forward", lambda x, **kw: calls.append(tuple(x.shape)) or original(x, **kw))
     prompts = PromptNucSeg(prompter, nn.Identity(), prompter_tta=True, mask_filter=False).find_prompts(
         image(100, 90)[0])
     assert calls == [(4, 3, 100, 90), (4, 3, 90, 100)]

@@ -213,6 +213,32 @@ def test_decoder_tokens_in_the_pipeline_change_only_the_window(model_path):
     assert torch.equal(full["inst_map"], more["inst_map"])
 
 
+def test_weights_kept_in_bfloat16_give_the_outputs_of_autocast_and_follow_new_weights(model_path):
+    """``lowered``: a copy whose convolution and linear weights are stored in bfloat16 gives bit for bit the outputs
+    of autocast casting the float32 weights on every call; it is made again when the weights change, and float32
+    runs the networks themselves."""
+    from scripts.data.readers.common import read_image
+    from scripts.inference import image_tensor
+
+    image = image_tensor(read_image(SAMPLE_TILES[0]))
+    network = load_model(model_path, "cpu", precision="bfloat16")
+    kept = network.lowered(network.prompter)
+    assert kept is not network.prompter and kept is network.lowered(network.prompter)
+    assert kept.fpn.inner_blocks[0][0].weight.dtype == torch.bfloat16 and kept.pixel_mean.dtype == torch.float32
+    with torch.no_grad():
+        fast = network(image)
+        network.lowered = lambda module: module  # autocast casts the float32 weights on every call
+        slow = network(image)
+        del network.lowered
+        assert torch.equal(fast["inst_map"], slow["inst_map"]) and torch.equal(fast["points"], slow["points"])
+        network.prompter.class_head.layers[-1].bias.add_(1.0)  # the weights change (a training step, a reload)
+    assert network.lowered(network.prompter) is not kept
+    assert torch.equal(network.lowered(network.prompter).class_head.layers[-1].bias,
+                       network.prompter.class_head.layers[-1].bias.to(torch.bfloat16))
+    float32 = load_model(model_path, "cpu", precision="float32")
+    assert float32.lowered(float32.prompter) is float32.prompter
+
+
 # ------------------------------------------------------------------------------------------------ writing
 @pytest.fixture()
 def folder(tmp_path) -> Path:

@@ -46,7 +46,7 @@ class PipelineOptions:
         decoder_tokens: tokens per side of the window each prompt is decoded on: the central part of the
             segmentor's decoding window (``decoder_window``; None, or at least its tokens: all of it); the decoder's
             time is proportional to the tokens (16 of the shipped model's 24: 64 px of its 96 px, held-out PQ
-            unchanged; 12 tokens keep the PQ of 40x images but change the scale check's IoUs: docs/results.md).
+            unchanged; 12 keep the PQ of 40x images but not the scale check's: docs/benchmarks/scale.md).
         precision: ``bfloat16``: the prompter and the image encoder run under ``torch.autocast`` to bfloat16, the mask
             decoder in bfloat16 (outputs stay float32); ``float32``; ``auto``: bfloat16 on CPUs with native
             bfloat16 instructions (AVX512-BF16 or AMX), float32 elsewhere (older CPUs, GPUs).

@@ -335,7 +335,7 @@ class PromptNucSeg(nn.Module):
             batch = jobs[start : start + self.options.encoder_batch]
             crops = torch.stack([canvas[:, t.y0 : t.y0 + tile_size, t.x0 : t.x0 + tile_size] for t, _ in batch])
             with self.autocast(self.segmentor):
-                encoded = encode(_conv_layout(crops.to(device))).to(stored).contiguous().cpu()
+                encoded = encode(_conv_layout(crops.to(device))).to(stored).cpu()
             if embedding is None:  # channels last in memory: each prompt's window is gathered as whole token
                 # vectors (``decode_at_points``) without a copy of the image's embedding per chunk of prompts
                 embedding = encoded.new_zeros((tokens_h, tokens_w, encoded.shape[1])).permute(2, 0, 1)
