@@ -125,3 +125,25 @@ def test_prompter_with_scale_and_stain_augmentation_config(shared_data):
         rows, cols = sample["points"][:, 1].round().long(), sample["points"][:, 0].round().long()
         assert (sample["inst"][0, rows, cols] > 0).all()
     set_determinism(None)
+
+
+def test_segmentor_on_all_data_keeps_the_earlier_validation_images_held_out(shared_data):
+    """``configs/train_default_segmentor_all.json``: CoNSeP and all 30 MoNuSeg images, each folder split 80/20 on
+    its own, so the images 0.5.0 was validated on stay in validation; the 0.5.0 segmentor's geometry (4 px tokens,
+    96 px window) fine-tuned at lr 1e-4."""
+    def items(*names: str) -> tuple[list, list]:
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / name) for name in ("train.json", "train_default.json", *names)])
+        parser["bundle_root"] = str(BUNDLE_ROOT)
+        parser["data_root"] = str(shared_data)
+        return parser, parser.get_parsed_content("train_items"), parser.get_parsed_content("val_items")
+
+    _, _, earlier_val = items()
+    parser, train, val = items("train_default_segmentor_all.json")
+    assert {it.name for it in earlier_val} <= {it.name for it in val}
+    assert not {it.name for it in train} & {it.name for it in val}
+    assert len(train) + len(val) == 445 + 17
+    hparams = parser.get_parsed_content("segmentor#hparams")
+    assert (hparams["lr"], hparams["max_epochs"], hparams["lr_decay_epoch"]) == (0.0001, 12, 9)
+    assert hparams["overrides"]["patch_size"] == 4 and hparams["overrides"]["decoder_window"] == 96
+    assert hparams["init_checkpoint"].endswith("runs/default/segmentor_050.pt")

@@ -26,6 +26,9 @@
 # runs/default/prompter_050.pt) fine-tuned on all of ../shared/data (CoNSeP, the 13 + 17 MoNuSeg training images;
 # each folder split 80/20 on its own, seed 0, so 0.5.0's validation images stay held out) for 16 epochs (lr x0.1 at 12) with the
 # rare "Other" class weighted 3 (configs/train_default_prompter_all.json) into runs/default/prompter_all.
+# `tools/train_default.sh segmentor_all`: the 0.5.0 segmentor (read from models/model.pt into
+# runs/default/segmentor_050.pt) fine-tuned on all of ../shared/data (the same per-folder 80/20 split) for 12 epochs
+# (lr 1e-4, x0.1 at 9; configs/train_default_segmentor_all.json) into runs/default/segmentor_all.
 # THREADS=2 tools/train_default.sh STAGE: torch threads per process (default 1; 2 when one stage runs alone).
 set -euo pipefail
 cd "$(dirname "$0")/../bundle"
@@ -54,6 +57,11 @@ case "${1:-}" in
 read_model_file, part_state_dict; m = read_model_file('models/model.pt'); torch.save({'network': \
 part_state_dict(m, 'prompter')}, 'runs/default/prompter_050.pt')"
     launch prompter "$1" "$1" ;;
-  *) echo "train_default.sh: unknown stage '$1' (none, s8, s4, prompter_ft, prompter_r18, prompter_r18_aug or prompter_all)" >&2
+  segmentor_all)
+    [ -f runs/default/segmentor_050.pt ] || "$PY" -c "import torch; from scripts.pipeline.model_file import \
+read_model_file, part_state_dict; m = read_model_file('models/model.pt'); torch.save({'network': \
+part_state_dict(m, 'segmentor')}, 'runs/default/segmentor_050.pt')"
+    launch segmentor "$1" "$1" ;;
+  *) echo "train_default.sh: unknown stage '$1' (none, s8, s4, prompter_ft, prompter_r18, prompter_r18_aug, prompter_all or segmentor_all)" >&2
      exit 2 ;;
 esac
