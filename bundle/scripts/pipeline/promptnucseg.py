@@ -359,9 +359,8 @@ class PromptNucSeg(nn.Module):
     def lowered(self, module: nn.Module) -> nn.Module:
         """``module`` to run under :meth:`autocast`: itself in float32; in bfloat16 a copy whose convolution and
         linear weights are stored in bfloat16, so that autocast does not cast every weight again on every call
-        (its cast of the float32 weights rounds the same way: outputs bit for bit equal; the prompter runs 1.15x
-        faster on a 256 px tile). The copy is kept until ``module``'s weights change (their version counters),
-        its mode or its device."""
+        (its cast of the float32 weights rounds the same way: outputs bit for bit equal; docs/results/speed.md).
+        The copy is kept until ``module``'s weights change (their version counters), its mode or its device."""
         dtype = self.dtype(module)
         if dtype == torch.float32:
             return module

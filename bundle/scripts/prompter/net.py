@@ -232,8 +232,7 @@ class Prompter(nn.Module):
     def region_logits_at(self, p2: torch.Tensor, points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Nuclear-region logits (K,) at the pixels nearest ``points`` (K, 2) (x, y) px of an image of ``size``
         (H, W), from its P2 (1, D, h, w): the values of ``aux_logits`` there, with the auxiliary head run only on
-        the P2 cells their bilinear samples read (at most 4 per point, instead of the whole map: a quarter of the
-        prompter's work on a 256 px tile)."""
+        the P2 cells their bilinear samples read (at most 4 per point) instead of the whole map."""
         height, width = size
         pixels = torch.stack([torch.floor(points[:, 0] + 0.5).clamp(0, width - 1),
                               torch.floor(points[:, 1] + 0.5).clamp(0, height - 1)], dim=1)
