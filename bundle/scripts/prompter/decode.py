@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from scripts.parse import as_bool
+from scripts.prompter.net import nearest_pixels
 
 
 def point_nms(points: torch.Tensor, scores: torch.Tensor, radius: float) -> torch.Tensor:
@@ -44,8 +45,7 @@ def sample_mask_probability(aux_logits: torch.Tensor, points: torch.Tensor) -> t
     """sigmoid(aux) at the pixel nearest each point: aux_logits (1, H, W) or (H, W), points (K, 2) (x, y) px
     inside the image -> (K,)."""
     aux = aux_logits.reshape(aux_logits.shape[-2:])
-    cols = torch.floor(points[:, 0] + 0.5).long().clamp(0, aux.shape[1] - 1)
-    rows = torch.floor(points[:, 1] + 0.5).long().clamp(0, aux.shape[0] - 1)
+    cols, rows = nearest_pixels(points, tuple(aux.shape)).unbind(1)
     return aux[rows, cols].sigmoid()
 
 

@@ -51,6 +51,15 @@ def make_anchors(height: int, width: int, step: int, device: torch.device | None
     return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
 
 
+def nearest_pixels(points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(K, 2) int64 (x, y) = (col, row) of the pixel nearest each (x, y) px point, clamped into an image of
+    ``size`` (H, W)."""
+    height, width = size
+    cols = torch.floor(points[:, 0] + 0.5).long().clamp(0, width - 1)
+    rows = torch.floor(points[:, 1] + 0.5).long().clamp(0, height - 1)
+    return torch.stack([cols, rows], dim=1)
+
+
 def sample_at_points(feature: torch.Tensor, points: torch.Tensor, stride: int, cell_offset: float) -> torch.Tensor:
     """Bilinearly sample ``feature`` at pixel points.
 
@@ -233,16 +242,16 @@ class Prompter(nn.Module):
         """Nuclear-region logits (K,) at the pixels nearest ``points`` (K, 2) (x, y) px of an image of ``size``
         (H, W), from its P2 (1, D, h, w): the values of ``aux_logits`` there, with the auxiliary head run only on
         the P2 cells their bilinear samples read (at most 4 per point) instead of the whole map."""
-        height, width = size
-        pixels = torch.stack([torch.floor(points[:, 0] + 0.5).clamp(0, width - 1),
-                              torch.floor(points[:, 1] + 0.5).clamp(0, height - 1)], dim=1)
+        pixels = nearest_pixels(points, size).float()
         stride, offset = 4, self.cell_offsets[2]
         h, w = p2.shape[-2:]
         corner = torch.floor((pixels - offset) / stride).long()  # (K, 2) (x, y) cell left of / above each pixel
-        cells = torch.cat([corner + torch.tensor(step) for step in ((0, 0), (1, 0), (0, 1), (1, 1))])
-        cells = torch.unique(torch.stack([cells[:, 0].clamp(0, w - 1), cells[:, 1].clamp(0, h - 1)], 1), dim=0)
+        neighbours = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]], device=corner.device)
+        cells = (corner[:, None] + neighbours).reshape(-1, 2)
+        upper = torch.tensor([w - 1, h - 1], device=corner.device)
+        cells = torch.unique(torch.minimum(cells.clamp(min=0), upper), dim=0)
         conv, norm, relu, to_logit = self.mask_head
-        steps = torch.arange(3)
+        steps = torch.arange(3, device=cells.device)
         rows = (cells[:, 1, None] + steps)[:, :, None]  # (M, 3, 1) in P2 padded by 1 cell: the 3x3 neighbourhoods
         cols = (cells[:, 0, None] + steps)[:, None, :]
         patches = F.pad(p2[0], (1, 1, 1, 1))[:, rows, cols].transpose(0, 1)  # (M, D, 3, 3)
