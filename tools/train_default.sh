@@ -45,6 +45,13 @@ launch() {
     --tracking mlflow --run_name "default-${2//_/-}" >> "runs/default/$2.log" 2>&1 &
   echo "$1 training in the background; log in bundle/runs/default/$2.log"
 }
+# shipped_part PART: the shipped model's PART (prompter or segmentor) as a checkpoint to start from,
+# runs/default/PART_050.pt (kept once written)
+shipped_part() {
+  [ -f "runs/default/$1_050.pt" ] || "$PY" -c "import torch; from scripts.pipeline.model_file import \
+read_model_file, part_state_dict; m = read_model_file('models/model.pt'); torch.save({'network': \
+part_state_dict(m, '$1')}, 'runs/default/$1_050.pt')"
+}
 case "${1:-}" in
   "")
     launch prompter prompter
@@ -53,14 +60,10 @@ case "${1:-}" in
   s8 | s4) launch segmentor "segmentor_$1" "$1" ;;  # segmentor stage 2 (8 px tokens) or 3 (4 px tokens)
   prompter_ft | prompter_r18 | prompter_r18_aug) launch prompter "$1" "$1" ;;  # prompter variants (see above)
   prompter_all)
-    [ -f runs/default/prompter_050.pt ] || "$PY" -c "import torch; from scripts.pipeline.model_file import \
-read_model_file, part_state_dict; m = read_model_file('models/model.pt'); torch.save({'network': \
-part_state_dict(m, 'prompter')}, 'runs/default/prompter_050.pt')"
+    shipped_part prompter
     launch prompter "$1" "$1" ;;
   segmentor_all)
-    [ -f runs/default/segmentor_050.pt ] || "$PY" -c "import torch; from scripts.pipeline.model_file import \
-read_model_file, part_state_dict; m = read_model_file('models/model.pt'); torch.save({'network': \
-part_state_dict(m, 'segmentor')}, 'runs/default/segmentor_050.pt')"
+    shipped_part segmentor
     launch segmentor "$1" "$1" ;;
   *) echo "train_default.sh: unknown stage '$1' (none, s8, s4, prompter_ft, prompter_r18, prompter_r18_aug, prompter_all or segmentor_all)" >&2
      exit 2 ;;
