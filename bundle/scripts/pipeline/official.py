@@ -23,24 +23,35 @@ Coordinates: points are (x, y) = (col, row) px; boxes (x0, y0, x1, y1) px of the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.ops import masks_to_boxes, nms
 
+from scripts.pipeline.options import PipelineOptions
 from scripts.pipeline.tiling import Tile, tile_grid
 from scripts.segmentor.net import decode_at_points, paste_windows
 
-if TYPE_CHECKING:
-    from scripts.pipeline.promptnucseg import PromptNucSeg
+
+class Pipeline(Protocol):
+    """What the official assembly reads of :class:`scripts.pipeline.promptnucseg.PromptNucSeg` (which calls it)."""
+
+    segmentor: nn.Module
+    options: PipelineOptions
+
+    @property
+    def tile_size(self) -> int: ...
+
+    def autocast(self, module: nn.Module) -> torch.autocast: ...
 
 WINDOW_OVERLAP = 64  # px between neighbouring windows (at most half a window)
 EDGE_MARGIN = 7  # px: masks whose box reaches this near an inner window edge are dropped
 
 
-def official_segment(pipeline: "PromptNucSeg", image: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor
+def official_segment(pipeline: Pipeline, image: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor
                      ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     """Instance map from point prompts, assembled as the official code does (module docstring).
 
@@ -72,7 +83,7 @@ def official_segment(pipeline: "PromptNucSeg", image: torch.Tensor, coords: torc
     return _paint_ascending(prompt, score, keep, pixel_mask, pixel_flat, (height, width))
 
 
-def _window_masks(pipeline: "PromptNucSeg", canvas: torch.Tensor, jobs: list[tuple[Tile, torch.Tensor]],
+def _window_masks(pipeline: Pipeline, canvas: torch.Tensor, jobs: list[tuple[Tile, torch.Tensor]],
                   coords: torch.Tensor, labels: torch.Tensor, shape: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
     """Masks of the prompts of each window of ``jobs`` (windows encoded together, decoded ``chunk_size`` prompts
     at a time), clipped to the (H, W) image; those near an inner window edge or empty are dropped (see
