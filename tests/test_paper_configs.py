@@ -1,7 +1,8 @@
 """The paper's configurations (``configs/paper/{kumar,cpm17,pannuke}.json`` over ``configs/train.json``): they override
 only keys ``train.json`` has, resolve to the authors' settings, require the official weights by option name, and
-train both stages on the CPU from weights written in the official key layouts (SAM ViT-B as segment_anything saves
-it, a timm ConvNeXt-S classification state dict as ``.pth`` and as the hub's ``.safetensors``)."""
+train both stages (on the CPU; on CUDA where there is a GPU) from weights written in the official key layouts (SAM
+ViT-B as segment_anything saves it, a timm ConvNeXt-S classification state dict as ``.pth`` and as the hub's
+``.safetensors``)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ PAPER_DIR = BUNDLE_ROOT / "configs" / "paper"
 DATASETS = ("kumar", "cpm17", "pannuke")
 OPTIONS = {"sam_variant", "sam_checkpoint", "backbone_weights", "+imports"}
 """Keys of a paper config that ``train.json`` does not have: the weights options (and their imports)."""
+DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"
+"""Where the trainings run: a GPU check (tools/gpu_check.sh) runs them on CUDA."""
 
 # The authors' settings (shared/notes/official-code.md): what each config must resolve to.
 OFFICIAL = {
@@ -131,25 +134,15 @@ def test_weights_are_required_by_option_name(dataset, tmp_path) -> None:
         assert isinstance(cause, error) and re.search(message, str(cause)), repr(cause)
 
 
-# ------------------------------------------------------------------------------------------- training on the CPU
+# ------------------------------------------------------ training (on the CPU; on CUDA where a GPU is)
 @pytest.fixture(scope="module")
 def official_weights(tmp_path_factory) -> Iterator[dict[str, Path]]:
-    """Random weights in the official file layouts: ``sam_vit_b.pth`` (segment_anything's ``sam_model_registry``
-    state dict, 1024 px position tables, as ``sam_vit_b_01ec64.pth``) and a timm ConvNeXt-S ImageNet classifier
-    state dict (``stem.0.weight``, ``stages.0.blocks.0.conv_dw.weight``, ..., ``head.fc.weight``) as
-    ``convnext_small.pth`` and as the Hugging Face hub's ``model.safetensors``."""
-    import timm
-    from safetensors.torch import save_file
-    from segment_anything import sam_model_registry
+    """Random weights in the official file layouts (``scripts/stand_in_weights.py``): SAM ViT-B as
+    ``sam_vit_b_01ec64.pth`` holds it, a timm ConvNeXt-S classifier as ``.pth`` and as the hub's ``.safetensors``."""
+    from scripts.stand_in_weights import write_stand_in_weights
 
     folder = tmp_path_factory.mktemp("official_weights")
-    torch.manual_seed(0)
-    torch.save(sam_model_registry["vit_b"]().state_dict(), folder / "sam_vit_b.pth")
-    convnext = timm.create_model("convnext_small", pretrained=False).state_dict()
-    torch.save(convnext, folder / "convnext_small.pth")
-    save_file({k: v.contiguous() for k, v in convnext.items()}, folder / "model.safetensors")
-    yield {"sam": folder / "sam_vit_b.pth", "convnext": folder / "convnext_small.pth",
-           "convnext_hub": folder / "model.safetensors"}
+    yield write_stand_in_weights(folder)
     shutil.rmtree(folder)  # 0.6 GB
 
 
@@ -169,7 +162,7 @@ def _train(dataset: str, data: Path, out: Path, sam: Path, backbone: Path) -> fl
                "--dataset_dir", str(data), "--max_epochs", "1", "--output_dir", str(out),
                "--sam_checkpoint", str(sam), "--backbone_weights", str(backbone),
                "--epoch_length", "1", "--prompter#hparams#batch_size", "1", "--segmentor#hparams#batch_size", "1",
-               "--device", "cpu", timeout=1800)
+               "--device", DEVICE, timeout=1800)
     return time.monotonic() - start
 
 
@@ -213,7 +206,7 @@ def test_kumar_trains_on_cpu_with_official_weights(official_weights, tmp_path, r
     data = write_synthetic_dataset(tmp_path / "kumar", n_images=3, size=(256, 256), n_nuclei=(15, 25), num_classes=0,
                                    seed=1, dataset_format="monuseg")
     seconds = _train("kumar", data, run_dir, official_weights["sam"], official_weights["convnext"])
-    print(f"kumar, vit_b + ConvNeXt-S, one iteration per stage on the CPU: {seconds:.0f} s")
+    print(f"kumar, vit_b + ConvNeXt-S, one iteration per stage on {DEVICE}: {seconds:.0f} s")
     _check_run(run_dir, "kumar", official_weights["sam"], official_weights["convnext"])
 
 
@@ -223,7 +216,7 @@ def test_cpm17_trains_on_cpu_with_official_weights(official_weights, tmp_path, r
     data = write_synthetic_dataset(tmp_path / "cpm17", n_images=3, size=(256, 256), n_nuclei=(15, 25),
                                    num_classes=0, seed=2, dataset_format="hovernet")
     seconds = _train("cpm17", data, run_dir, official_weights["sam"], official_weights["convnext"])
-    print(f"cpm17, vit_b + ConvNeXt-S, one iteration per stage on the CPU: {seconds:.0f} s")
+    print(f"cpm17, vit_b + ConvNeXt-S, one iteration per stage on {DEVICE}: {seconds:.0f} s")
     _check_run(run_dir, "cpm17", official_weights["sam"], official_weights["convnext"])
 
 
@@ -233,7 +226,7 @@ def test_pannuke_trains_on_cpu_with_official_weights(official_weights, tmp_path,
     data = write_synthetic_dataset(tmp_path / "pannuke", n_images=3, size=(256, 256), n_nuclei=(15, 25),
                                    num_classes=5, seed=3, dataset_format="pannuke")
     seconds = _train("pannuke", data, run_dir, official_weights["sam"], official_weights["convnext_hub"])
-    print(f"pannuke, vit_b + ConvNeXt-S, one iteration per stage on the CPU: {seconds:.0f} s")
+    print(f"pannuke, vit_b + ConvNeXt-S, one iteration per stage on {DEVICE}: {seconds:.0f} s")
     _check_run(run_dir, "pannuke", official_weights["sam"], official_weights["convnext_hub"])
     config = torch.load(run_dir / "prompter" / "last.pt", weights_only=True)["config"]
     assert config["num_classes"] == 5 and config["class_names"] == list(PANNUKE_CLASSES.values())
