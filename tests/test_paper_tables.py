@@ -4,6 +4,7 @@ training of both networks on one shared image encoder (``--stage joint``), from 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -186,6 +187,35 @@ def test_the_pipeline_takes_each_nucleus_class_from_the_classifier() -> None:
         PromptNucSeg(nn.Identity(), segmentor, classifier="segmentor", assembly="official")(image, prompts)
 
 
+def test_oracle_validation_of_a_classifying_segmentor_scores_its_classes() -> None:
+    """The segmentor's validation step (true nuclei as prompts) gives a class map from the [cls] head when the
+    segmentor classifies and the data has types, so the stage's metric has mPQ; a plain segmentor gives none."""
+    from types import SimpleNamespace
+
+    from scripts.segmentor.prompts import oracle_prompts
+    from scripts.training.engine import OracleSegmentorEvalStep
+
+    inst = np.zeros((1, 1, 128, 128), np.int32)
+    inst[0, 0, 10:20, 10:20], inst[0, 0, 100:115, 90:110] = 1, 2
+    batch = {"image": torch.rand(1, 3, 128, 128) * 255, "inst": torch.from_numpy(inst),
+             "type": torch.from_numpy(np.where(inst > 0, 1, 0).astype(np.int32)), "name": ["a"]}
+    step = OracleSegmentorEvalStep(oracle_prompts, num_neg=1)
+    outputs = {}
+    for classes in (3, 0):
+        engine = SimpleNamespace(state=SimpleNamespace(device="cpu"), network=_whole_window_segmentor(classes),
+                                 fire_event=lambda event: None)
+        outputs[classes] = step(engine, batch)[0]
+    classified, plain = outputs[3], outputs[0]
+    assert set(np.unique(classified["pred_inst"]).tolist()) == {0, 1, 2}
+    assert (classified["pred_type"] == np.where(classified["pred_inst"] > 0, 3, 0)).all()  # the head says 3
+    assert (classified["type"] == batch["type"][0, 0].numpy()).all()
+    assert "pred_type" not in plain and (plain["pred_inst"] == classified["pred_inst"]).all()
+    del batch["type"]  # untyped data: nothing to score the classes against
+    engine = SimpleNamespace(state=SimpleNamespace(device="cpu"), network=_whole_window_segmentor(3),
+                             fire_event=lambda event: None)
+    assert "pred_type" not in step(engine, batch)[0]
+
+
 def _save_stage_checkpoints(folder: Path, segmentor_classes: list[str]) -> tuple[Path, Path]:
     segmentor = _segmentor(num_classes=len(segmentor_classes))
     atomic_torch_save({"network": _prompter().state_dict(), "config": PROMPTER_CONFIG}, folder / "p.pt")
@@ -349,7 +379,9 @@ def test_segmentor_as_classifier_through_the_bundle(synthetic: dict[str, Path], 
     assert prompter["config"]["num_classes"] == 1 and prompter["config"]["class_names"] == []
     names = segmentor["config"]["class_names"]
     assert segmentor["config"]["num_classes"] == len(names) >= 3
-    assert "loss_cls" in proc.stdout.split("training stage: segmentor")[1]
+    segmentor_log = proc.stdout.split("training stage: segmentor")[1]
+    assert "loss_cls" in segmentor_log
+    assert re.search(r"mpq: 0\.\d+", segmentor_log), segmentor_log[-2000:]  # its validation scores the classes
     model = export_model(out / "prompter" / "last.pt", out / "segmentor" / "last.pt", tmp_path / "model.pt")
     content = read_model_file(model)
     assert content["classifier"] == "segmentor"

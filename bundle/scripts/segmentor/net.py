@@ -101,7 +101,8 @@ class Segmentor(nn.Module):
         point_coords: torch.Tensor,
         point_labels: torch.Tensor,
         input_size: tuple[int, int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with_classes: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """One whole-image mask per prompt for one image; the mask decoder runs once on all Z prompts.
 
         Each prompt is decoded on its window (:func:`decode_at_points`: the whole input unless ``decoder_window``)
@@ -112,9 +113,12 @@ class Segmentor(nn.Module):
             point_coords: (Z, P, 2) float, (x, y) = (col, row) in input-image pixels.
             point_labels: (Z, P) int, 1 positive, 0 negative, -1 padding.
             input_size: (H, W) of the image before padding (default: image_size square).
+            with_classes: also return the [cls] head's class logits (Z, C + 1), last = background (a segmentor
+                with ``num_classes`` > 0).
 
         Returns:
-            mask_logits (Z, H, W) and iou_pred (Z,): the single-mask output (token 0).
+            mask_logits (Z, H, W) and iou_pred (Z,): the single-mask output (token 0); with ``with_classes``, also
+            class_logits (Z, C + 1).
         """
         if embedding.ndim == 3:
             embedding = embedding[None]
@@ -124,9 +128,11 @@ class Segmentor(nn.Module):
         H, W = input_size or (self.image_size, self.image_size)
         if point_coords.shape[0] == 0:  # empty outputs still tied to the graph, so a batch without nuclei can back-propagate
             tie = embedding.sum() * 0.0
-            return embedding.new_zeros((0, H, W)) + tie, embedding.new_zeros((0,)) + tie
-        logits, iou, offsets = decode_at_points(self, embedding[0], point_coords, point_labels)
-        return paste_windows(logits, offsets, (H, W)), iou
+            empty = embedding.new_zeros((0, H, W)) + tie, embedding.new_zeros((0,)) + tie
+            return empty + (embedding.new_zeros((0, self.num_classes + 1)) + tie,) if with_classes else empty
+        logits, iou, offsets, *class_logits = decode_at_points(self, embedding[0], point_coords, point_labels,
+                                                               with_classes=with_classes)
+        return (paste_windows(logits, offsets, (H, W)), iou, *class_logits)
 
     def decode_windows(
         self, windows: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor, with_classes: bool = False,

@@ -11,11 +11,13 @@ from monai.apps.utils import get_logger
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import IterationEvents
 
 from scripts.pipeline.instances import masks_to_instances
+from scripts.segmentor.classifier import classes_from_logits
 from scripts.segmentor.net import crop_windows
 
 logger = get_logger("scripts.training.engine")
@@ -184,9 +186,11 @@ class OracleSegmentorEvalStep:
     """Evaluator iteration of the segmentor prompted by the ground truth (paper Table 7, "GT" columns).
 
     Each true nucleus is prompted at an interior point, with its ``num_neg`` nearest other nuclei as negative
-    prompts; the masks become an instance map (:func:`masks_to_instances`). Output: a list of per-image dicts
-    ``{pred_inst, inst, name}`` with (H, W) int32 maps, as :func:`scripts.evaluation.handlers.instance_output_transform`
-    reads them.
+    prompts; the masks become an instance map (:func:`masks_to_instances`). A segmentor with a [cls] head (paper
+    Table 8) also classifies each nucleus (:func:`classes_from_logits`), so the metric can score its classes.
+    Output: a list of per-image dicts ``{pred_inst, inst, name}`` with (H, W) int32 maps, plus ``pred_type`` and
+    ``type`` for a classifying segmentor on data with a type map, as
+    :func:`scripts.evaluation.handlers.instance_output_transform` reads them.
     """
 
     def __init__(self, oracle_prompts: Callable, num_neg: int = 1, min_area: int = 0, chunk_size: int = 256) -> None:
@@ -199,41 +203,58 @@ class OracleSegmentorEvalStep:
         device = engine.state.device
         images = torch.as_tensor(batchdata["image"]).float().to(device)
         true_insts = torch.as_tensor(batchdata["inst"])[:, 0].numpy()
+        classify = bool(getattr(engine.network, "num_classes", 0)) and "type" in batchdata
         engine.network.eval()
         preds = []
         with torch.no_grad():
             embeddings = engine.network.encode(images)
             for embedding, true_inst in zip(embeddings, true_insts):
                 coords, labels = self.oracle_prompts(true_inst, self.num_neg)[:2]
-                preds.append(self._segment(engine.network, embedding, coords, labels, true_inst.shape))
+                preds.append(self._segment(engine.network, embedding, coords, labels, true_inst.shape, classify))
         engine.state.output = [
-            {"pred_inst": pred, "inst": true, "name": name}
-            for pred, true, name in zip(preds, true_insts, batchdata["name"])
+            {"pred_inst": pred_inst, "inst": true, "name": name}
+            for (pred_inst, _), true, name in zip(preds, true_insts, batchdata["name"])
         ]
+        if classify:
+            for out, (_, pred_type), true_type in zip(engine.state.output, preds,
+                                                      torch.as_tensor(batchdata["type"])[:, 0].numpy()):
+                out.update(pred_type=pred_type, type=true_type)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
-    def _segment(self, network: Any, embedding: torch.Tensor, coords: Any, labels: Any, shape: tuple) -> Any:
+    def _segment(self, network: Any, embedding: torch.Tensor, coords: Any, labels: Any, shape: tuple,
+                 classify: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(instance map, class map or None), both (H, W) int32."""
         coords = torch.as_tensor(coords, dtype=torch.float32, device=embedding.device)
         labels = torch.as_tensor(labels, dtype=torch.int64, device=embedding.device)
-        logits, ious = decode_in_chunks(network, embedding, coords, labels, self.chunk_size)
+        logits, ious, class_logits = decode_in_chunks(network, embedding, coords, labels, self.chunk_size, classify)
         if logits is None:
-            return masks_to_instances(torch.zeros((0, *shape)), torch.zeros(0))[0]
-        return masks_to_instances(logits, ious, min_area=self.min_area)[0]
+            empty = np.zeros(shape, np.int32)
+            return empty, empty.copy() if classify else None
+        inst_map, prompt_of_id = masks_to_instances(logits, ious, min_area=self.min_area)
+        if not classify:
+            return inst_map, None
+        lut = np.zeros(len(prompt_of_id) + 1, np.int32)
+        lut[1:] = classes_from_logits(class_logits[torch.from_numpy(prompt_of_id)])[0].numpy()
+        return inst_map, lut[inst_map]
 
 
 def decode_in_chunks(network: Any, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
-                     chunk_size: int = 256) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                     chunk_size: int = 256, with_classes: bool = False
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Run the mask decoder over all prompts of one image, ``chunk_size`` prompts per call (bounded memory).
 
-    Returns mask logits (N, H, W) and predicted IoU (N,), or (None, None) when there is no prompt.
+    Returns mask logits (N, H, W), predicted IoU (N,) and, ``with_classes``, the [cls] head's logits (N, C + 1)
+    (else None); (None, None, None) when there is no prompt.
     """
     if coords.shape[0] == 0:
-        return None, None
-    outs = [network.decode(embedding, coords[i : i + chunk_size], labels[i : i + chunk_size])
+        return None, None, None
+    outs = [network.decode(embedding, coords[i : i + chunk_size], labels[i : i + chunk_size],
+                           **({"with_classes": True} if with_classes else {}))
             for i in range(0, coords.shape[0], chunk_size)]
-    return torch.cat([o[0] for o in outs]).cpu(), torch.cat([o[1] for o in outs]).cpu()
+    class_logits = torch.cat([o[2] for o in outs]).cpu() if with_classes else None
+    return torch.cat([o[0] for o in outs]).cpu(), torch.cat([o[1] for o in outs]).cpu(), class_logits
 
 
 def run_stages(stage: str, trainers: dict[str, Engine | None]) -> None:
