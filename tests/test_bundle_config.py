@@ -147,3 +147,27 @@ def test_segmentor_on_all_data_keeps_the_earlier_validation_images_held_out(shar
     assert (hparams["lr"], hparams["max_epochs"], hparams["lr_decay_epoch"]) == (0.0001, 12, 9)
     assert hparams["overrides"]["patch_size"] == 4 and hparams["overrides"]["decoder_window"] == 96
     assert hparams["init_checkpoint"].endswith("runs/default/segmentor_050.pt")
+
+
+def test_prompter_from_scratch_on_all_data_config(shared_data):
+    """``configs/train_default_prompter_r18_all.json`` over the scale-and-stain recipe (``..._r18_aug.json``): the
+    same ResNet-18 prompter from random weights for 120 epochs, on CoNSeP and all 30 MoNuSeg images (each folder
+    split 80/20, so 0.5.0's validation images stay held out), "Other" weighted 3, the weights averaged (EMA 0.99)."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in ("train.json", "train_default.json",
+                                                          "train_default_prompter_r18_aug.json",
+                                                          "train_default_prompter_r18_all.json")])
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    parser["data_root"] = str(shared_data)
+    earlier = ConfigParser()
+    earlier.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "train_default.json")])
+    earlier["bundle_root"], earlier["data_root"] = str(BUNDLE_ROOT), str(shared_data)
+    train, val = parser.get_parsed_content("train_items"), parser.get_parsed_content("val_items")
+    assert {it.name for it in earlier.get_parsed_content("val_items")} <= {it.name for it in val}
+    assert len(train) + len(val) == 445 + 17 and not {it.name for it in train} & {it.name for it in val}
+    hparams = parser.get_parsed_content("prompter#hparams")
+    assert (hparams["backbone"], hparams["max_epochs"], hparams["lr_decay_epoch"], hparams["init_checkpoint"]) == (
+        "resnet18", 120, 96, None)
+    assert hparams["class_weights"] == [3.0, 1.0, 1.0, 1.0] and hparams["ema"] == 0.99
+    assert parser.get_parsed_content("prompter#output_dir").endswith("prompter_r18_all")
+    assert "RandHEStaind" in str(parser.get_parsed_content("prompter#train#preprocessing#transforms", lazy=True))

@@ -29,6 +29,10 @@
 # `tools/train_default.sh segmentor_all`: the 0.5.0 segmentor (read from models/model.pt into
 # runs/default/segmentor_050.pt) fine-tuned on all of ../shared/data (the same per-folder 80/20 split) for 12 epochs
 # (lr 1e-4, x0.1 at 9; configs/train_default_segmentor_all.json) into runs/default/segmentor_all.
+# `tools/train_default.sh prompter_r18_all`: the 0.5.0 prompter's recipe (prompter_r18_aug: ResNet-18 from random
+# weights, 120 epochs, scale and stain augmentation) on all of ../shared/data (the same per-folder split), "Other"
+# weighted 3 and the weights averaged (EMA 0.99; configs/train_default_prompter_r18_all.json on top of
+# train_default_prompter_r18_aug.json) into runs/default/prompter_r18_all.
 # THREADS=2 tools/train_default.sh STAGE: torch threads per process (default 1; 2 when one stage runs alone).
 set -euo pipefail
 cd "$(dirname "$0")/../bundle"
@@ -36,14 +40,15 @@ mkdir -p runs/default
 export OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1} MLFLOW_DISABLE_TELEMETRY=true
 export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647  # glibc: keep freed memory (25-45 % faster here)
 PY=${PY:-../.venv/bin/python}
-# launch STAGE NAME [CONFIG]: one training in the background, configs/train_default_CONFIG.json on top of the
-# default configs; log runs/default/NAME.log, MLflow run default-NAME (underscores as dashes).
+# launch STAGE NAME [CONFIG ...]: one training in the background, configs/train_default_CONFIG.json (each, in order)
+# on top of the default configs; log runs/default/NAME.log, MLflow run default-NAME (underscores as dashes).
 launch() {
-  local configs="'configs/train.json','configs/train_default.json'"
-  [ -n "${3:-}" ] && configs="$configs,'configs/train_default_$3.json'"
-  nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "[$configs]" --stage "$1" \
-    --tracking mlflow --run_name "default-${2//_/-}" >> "runs/default/$2.log" 2>&1 &
-  echo "$1 training in the background; log in bundle/runs/default/$2.log"
+  local configs="'configs/train.json','configs/train_default.json'" stage=$1 name=$2 config
+  shift 2
+  for config in "$@"; do configs="$configs,'configs/train_default_$config.json'"; done
+  nohup setsid nice -n 5 "$PY" -m monai.bundle run training --config_file "[$configs]" --stage "$stage" \
+    --tracking mlflow --run_name "default-${name//_/-}" >> "runs/default/$name.log" 2>&1 &
+  echo "$stage training in the background; log in bundle/runs/default/$name.log"
 }
 # shipped_part PART: the shipped model's PART (prompter or segmentor) as a checkpoint to start from,
 # runs/default/PART_050.pt (kept once written)
@@ -65,6 +70,8 @@ case "${1:-}" in
   segmentor_all)
     shipped_part segmentor
     launch segmentor "$1" "$1" ;;
-  *) echo "train_default.sh: unknown stage '$1' (none, s8, s4, prompter_ft, prompter_r18, prompter_r18_aug, prompter_all or segmentor_all)" >&2
+  prompter_r18_all) launch prompter "$1" prompter_r18_aug "$1" ;;  # the r18_aug recipe from scratch on all data
+  *) echo "train_default.sh: unknown stage '$1' (none, s8, s4, prompter_ft, prompter_r18, prompter_r18_aug," \
+          "prompter_all, segmentor_all or prompter_r18_all)" >&2
      exit 2 ;;
 esac
