@@ -1,7 +1,12 @@
-"""Shared pytest set-up: the bundle's ``scripts`` package on the path, deterministic CPU threads, no telemetry."""
+"""Shared pytest set-up: the bundle's ``scripts`` package on the path, deterministic CPU threads, no telemetry, and
+the trainings that run in the background beside the tests that do not need them."""
 
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,34 +95,122 @@ SYNTHETIC_TRAINING = [
 ]
 
 
-@pytest.fixture(scope="session")
-def synthetic_dirs(tmp_path_factory) -> dict:
+# ---------------------------------------------------------------------------------------------------------------
+# Trainings in the background. The models some tests need take minutes to train; each such training starts in its
+# own process (one thread) as soon as collection shows that a selected test needs it, and the modules whose tests
+# need it run last, so the training overlaps the other tests on a 2-core machine. Its fixture waits for it.
+class BackgroundTraining:
+    """A bundle ``training`` run for the tests that use the fixture named ``fixture``.
+
+    ``prepare(folder)`` writes the run's data into ``folder`` and returns (the arguments after ``--config_file
+    configs/train.json``, a dict of what the tests need to know: data folders, ...), kept as ``info``.
+    """
+
+    def __init__(self, fixture: str, prepare: Callable[[Path], tuple[list[str], dict]]) -> None:
+        self.fixture, self.prepare = fixture, prepare
+        self.folder: Path | None = None
+        self.info: dict = {}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Write the data and start the training (once)."""
+        if self.process is not None:
+            return
+        self.folder = Path(tempfile.mkdtemp(prefix=f"pns-{self.fixture}-"))
+        args, self.info = self.prepare(self.folder)
+        with open(self.folder / "training.log", "w") as log:
+            self.process = subprocess.Popen(
+                [BUNDLE_PYTHON, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json", *args],
+                cwd=BUNDLE_ROOT, env=bundle_env(threads=1), stdout=log, stderr=subprocess.STDOUT)
+
+    def result(self, timeout: float) -> str:
+        """Wait for the training (started now if it was not); its log. A failed or too long run fails the test
+        with the end of the log."""
+        self.start()
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            code = f"killed after {timeout:.0f} s"
+        log = (self.folder / "training.log").read_text()
+        if code != 0:
+            raise AssertionError(f"the training behind {self.fixture} exited {code}:\n{log[-6000:]}")
+        return log
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def remove(self) -> None:
+        self.stop()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+BACKGROUND_TRAININGS: dict[str, BackgroundTraining] = {}
+
+
+def background_training(fixture: str, prepare: Callable[[Path], tuple[list[str], dict]]) -> BackgroundTraining:
+    """The training that the fixture named ``fixture`` waits for, registered once (at import of its module)."""
+    return BACKGROUND_TRAININGS.setdefault(fixture, BackgroundTraining(fixture, prepare))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Start the trainings that the selected tests need and move the modules of those tests to the end (whole
+    modules, so module fixtures are set up once)."""
+    needed = [t for t in BACKGROUND_TRAININGS.values() if any(t.fixture in item.fixturenames for item in items)]
+    if not needed or config.option.collectonly:
+        return
+    late = {item.path for item in items if any(t.fixture in item.fixturenames for t in needed)}
+    items[:] = [item for item in items if item.path not in late] + [item for item in items if item.path in late]
+    for training in needed:
+        training.start()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    for training in BACKGROUND_TRAININGS.values():
+        training.remove()
+
+
+def _synthetic_run(folder: Path) -> tuple[list[str], dict]:
     """Synthetic H&E data (hovernet layout, 128 px, 3 classes): ``train`` (64 images) and ``heldout`` (16 images,
-    other seeds), never seen in training."""
+    other seeds, never seen in training); the training's arguments."""
     from scripts.data.synthetic import write_synthetic_dataset
 
-    root = tmp_path_factory.mktemp("synthetic")
     size = (SYNTHETIC_SIZE, SYNTHETIC_SIZE)
-    return {
-        "train": write_synthetic_dataset(root / "train", 64, size=size, n_nuclei=(8, 16), num_classes=3, seed=0),
-        "heldout": write_synthetic_dataset(root / "heldout", 16, size=size, n_nuclei=(8, 16), num_classes=3,
+    dirs = {
+        "train": write_synthetic_dataset(folder / "train", 64, size=size, n_nuclei=(8, 16), num_classes=3, seed=0),
+        "heldout": write_synthetic_dataset(folder / "heldout", 16, size=size, n_nuclei=(8, 16), num_classes=3,
                                            seed=1000),
     }
+    args = ["--dataset_dir", str(dirs["train"]), "--output_dir", str(folder / "run"), *SYNTHETIC_TRAINING]
+    return args, {"dirs": dirs, "run_dir": folder / "run"}
+
+
+SYNTHETIC_RUN = background_training("synthetic_training", _synthetic_run)
 
 
 @pytest.fixture(scope="session")
-def synthetic_training(synthetic_dirs, tmp_path_factory) -> dict:
-    """Train both stages briefly through the bundle's ``training`` run on the synthetic train set; export a model.
+def synthetic_dirs() -> dict:
+    """The synthetic data of :func:`_synthetic_run`: ``train`` and ``heldout`` folders."""
+    SYNTHETIC_RUN.start()
+    return SYNTHETIC_RUN.info["dirs"]
+
+
+@pytest.fixture(scope="session")
+def synthetic_training(synthetic_dirs) -> dict:
+    """Both stages trained briefly through the bundle's ``training`` run on the synthetic train set (in the
+    background, :class:`BackgroundTraining`), and a model exported from their best checkpoints.
 
     Returns the run folder, the model file and the training log.
     """
     from scripts.pipeline.model_file import export_model
 
-    out = tmp_path_factory.mktemp("synthetic_run")
-    proc = run_bundle("training", "configs/train.json", "--dataset_dir", str(synthetic_dirs["train"]),
-                      "--output_dir", str(out), *SYNTHETIC_TRAINING, timeout=2400)
+    log = SYNTHETIC_RUN.result(timeout=2400)
+    out = SYNTHETIC_RUN.info["run_dir"]
     model = export_model(out / "prompter" / "best.pt", out / "segmentor" / "best.pt", out / "model.pt")
-    return {"run_dir": out, "model_path": model, "log": proc.stdout}
+    return {"run_dir": out, "model_path": model, "log": log}
 
 
 @pytest.fixture(scope="session")

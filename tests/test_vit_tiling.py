@@ -15,14 +15,14 @@ against 0.299, AJI 0.428 against 0.424; the two maps agree at PQ 0.89); the offi
 
 from __future__ import annotations
 
-import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from conftest import BUNDLE_PYTHON, BUNDLE_ROOT, bundle_env
+from conftest import background_training
 from scripts.data.synthetic import make_synthetic_record, write_synthetic_dataset
 from scripts.evaluation.metrics import aggregated_jaccard_index, panoptic_quality
 from scripts.inference import image_tensor
@@ -51,20 +51,22 @@ BIG, N_NUCLEI, SEEDS = 512, 240, (100, 101, 102, 103)  # as dense as the trainin
 PINNED = {k: v for k, v in {"decoder_tokens": None, "precision": "float32"}.items() if k in option_names()}
 
 
+def _vit_run(folder: Path) -> tuple[list[str], dict]:
+    """56 synthetic 128 px tiles for training (8 more for validation) and the training's arguments."""
+    train = write_synthetic_dataset(folder / "train", 64, size=(SIZE, SIZE), n_nuclei=(10, 20), num_classes=3,
+                                    seed=0)
+    return ["--dataset_dir", str(train), "--output_dir", str(folder / "run"), *TRAINING], {"run_dir": folder / "run"}
+
+
+VIT_RUN = background_training("trained_vit_tiny", _vit_run)
+
+
 @pytest.fixture(scope="module")
-def segmentor(tmp_path_factory) -> nn.Module:
+def trained_vit_tiny() -> nn.Module:
     """``vit_tiny`` trained on 56 synthetic 128 px tiles (8 more for validation) for 100 epochs (best validation PQ
-    0.34, oracle prompts)."""
-    root = tmp_path_factory.mktemp("vit")
-    train = write_synthetic_dataset(root / "train", 64, size=(SIZE, SIZE), n_nuclei=(10, 20), num_classes=3, seed=0)
-    # OpenMP threads = this process's torch threads (PNS_TEST_THREADS): 2 threads on a busy 2-core machine make the
-    # training many times slower
-    command = [BUNDLE_PYTHON, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-               "--dataset_dir", str(train), "--output_dir", str(root / "run"), *TRAINING]
-    proc = subprocess.run(command, cwd=BUNDLE_ROOT, env=bundle_env(torch.get_num_threads()), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=7200)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    checkpoint = load_checkpoint(root / "run" / "segmentor" / "best.pt")
+    0.34, oracle prompts), in the background (:class:`conftest.BackgroundTraining`)."""
+    VIT_RUN.result(timeout=7200)
+    checkpoint = load_checkpoint(VIT_RUN.info["run_dir"] / "segmentor" / "best.pt")
     config = checkpoint["config"]
     network = build_segmentor(config["variant"], config["image_size"], **dict(config["overrides"]))
     network.load_state_dict(checkpoint["network"])
@@ -100,11 +102,11 @@ def windowed_segment(network: PromptNucSeg, image: torch.Tensor, points: torch.T
 
 
 @pytest.fixture(scope="module")
-def scores(segmentor) -> dict:
+def scores(trained_vit_tiny) -> dict:
     """PQ and AJI against the truth of the stitched, windowed and official maps, and PQ(windowed, stitched): means
     over the images."""
-    stitched = PromptNucSeg(nn.Identity(), segmentor, **PINNED)
-    official = PromptNucSeg(nn.Identity(), segmentor, assembly="official", **PINNED)
+    stitched = PromptNucSeg(nn.Identity(), trained_vit_tiny, **PINNED)
+    official = PromptNucSeg(nn.Identity(), trained_vit_tiny, assembly="official", **PINNED)
     rows = []
     for seed in SEEDS:
         record = make_synthetic_record((BIG, BIG), n_nuclei=N_NUCLEI, num_classes=3, seed=seed, name="big")
