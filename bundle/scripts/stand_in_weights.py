@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+SAM_VARIANTS = ("vit_b", "vit_l", "vit_h")
+"""segment_anything's checkpoint variants."""
+
 
 def write_stand_in_weights(folder: str | Path, sam_variant: str = "vit_b", seed: int = 0) -> dict[str, Path]:
     """Write random SAM and ConvNeXt-S weights in the official layouts into ``folder``; returns their paths by role
@@ -25,8 +28,8 @@ def write_stand_in_weights(folder: str | Path, sam_variant: str = "vit_b", seed:
     from safetensors.torch import save_file
     from segment_anything import sam_model_registry
 
-    if sam_variant not in ("vit_b", "vit_l", "vit_h"):
-        raise ValueError(f"sam_variant must be vit_b, vit_l or vit_h, got {sam_variant!r}")
+    if sam_variant not in SAM_VARIANTS:
+        raise ValueError(f"sam_variant must be one of {SAM_VARIANTS}, got {sam_variant!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -42,7 +45,7 @@ def write_stand_in_weights(folder: str | Path, sam_variant: str = "vit_b", seed:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", help="folder to write the weight files into (created)")
-    parser.add_argument("--sam_variant", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
+    parser.add_argument("--sam_variant", default="vit_b", choices=SAM_VARIANTS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for role, path in write_stand_in_weights(args.output_dir, args.sam_variant, args.seed).items():
