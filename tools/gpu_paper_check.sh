@@ -45,7 +45,7 @@ MEM="$OUT/gpu_memory.csv"
 (nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 200 > "$MEM" 2>/dev/null &
  echo $! > "$WORK/mem.pid")
 START=$(date +%s)
-timeout 330 $PY -m monai.bundle run training --config_file "['configs/train.json','configs/paper/kumar.json']" \
+timeout 200 $PY -m monai.bundle run training --config_file "['configs/train.json','configs/paper/kumar.json']" \
   --stage both --dataset_dir "$DATA" --output_dir "$WORK/run" --max_epochs 1 --epoch_length "$STEPS" \
   --val_interval 1 --num_workers 8 --device "$DEVICE" \
   --sam_checkpoint "$SAM" --backbone_weights "$BACKBONE" > "$OUT/train.log" 2>&1
@@ -74,7 +74,7 @@ grep -E "Epoch\[[0-9]+\] Metrics|Error|error:" "$OUT/train.log" | cut -c1-220 | 
 
 # 2. export and held-out evaluation with the paper's pipeline options (Kumar: NMS 11 px, mask filter, no min area)
 $PY -c "from scripts.pipeline.model_file import export_model as e; e('$WORK/run/prompter/best.pt', '$WORK/run/segmentor/best.pt', '$WORK/model.pt')" \
-  && timeout 120 $PY -m monai.bundle run evaluating --config_file configs/evaluate.json --dataset_dir "$DATA" \
+  && timeout 90 $PY -m monai.bundle run evaluating --config_file configs/evaluate.json --dataset_dir "$DATA" \
        --subset val --model_path "$WORK/model.pt" --output_dir "$WORK/eval" --device "$DEVICE" \
        --pipeline#nms_radius 11 --pipeline#mask_filter true --pipeline#min_area 0 > "$OUT/evaluate.log" 2>&1
 echo "evaluating exit $?"; cp "$WORK/eval/metrics.json" "$OUT/" 2>/dev/null && $PY -c "import json, sys; m = json.load(open(sys.argv[1])); print({k: v for k, v in m.items() if not isinstance(v, (list, dict))})" "$OUT/metrics.json"
