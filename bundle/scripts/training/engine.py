@@ -250,8 +250,7 @@ def decode_in_chunks(network: Any, embedding: torch.Tensor, coords: torch.Tensor
     """
     if coords.shape[0] == 0:
         return None, None, None
-    outs = [network.decode(embedding, coords[i : i + chunk_size], labels[i : i + chunk_size],
-                           **({"with_classes": True} if with_classes else {}))
+    outs = [network.decode(embedding, coords[i : i + chunk_size], labels[i : i + chunk_size], with_classes=with_classes)
             for i in range(0, coords.shape[0], chunk_size)]
     class_logits = torch.cat([o[2] for o in outs]).cpu() if with_classes else None
     return torch.cat([o[0] for o in outs]).cpu(), torch.cat([o[1] for o in outs]).cpu(), class_logits
