@@ -25,7 +25,8 @@
 # `tools/train_default.sh prompter_all`: the 0.5.0 prompter (read from models/model.pt into
 # runs/default/prompter_050.pt) fine-tuned on all of ../shared/data (CoNSeP, the 13 + 17 MoNuSeg training images;
 # each folder split 80/20 on its own, seed 0, so 0.5.0's validation images stay held out) for 16 epochs (lr x0.1 at 12) with the
-# rare "Other" class weighted 3 (configs/train_default_prompter_all.json) into runs/default/prompter_all.
+# rare "Other" class weighted 3 (configs/train_default_prompter_all.json on top of
+# train_default_prompter_r18_aug.json) into runs/default/prompter_all.
 # `tools/train_default.sh segmentor_all`: the 0.5.0 segmentor (read from models/model.pt into
 # runs/default/segmentor_050.pt) fine-tuned on all of ../shared/data (the same per-folder 80/20 split) for 12 epochs
 # (lr 1e-4, x0.1 at 9; configs/train_default_segmentor_all.json) into runs/default/segmentor_all.
@@ -66,7 +67,7 @@ case "${1:-}" in
   prompter_ft | prompter_r18 | prompter_r18_aug) launch prompter "$1" "$1" ;;  # prompter variants (see above)
   prompter_all)
     shipped_part prompter
-    launch prompter "$1" "$1" ;;
+    launch prompter "$1" prompter_r18_aug "$1" ;;  # the r18_aug recipe, fine-tuned from 0.5.0
   segmentor_all)
     shipped_part segmentor
     launch segmentor "$1" "$1" ;;
