@@ -152,7 +152,8 @@ def test_segmentor_on_all_data_keeps_the_earlier_validation_images_held_out(shar
 def test_prompter_from_scratch_on_all_data_config(shared_data):
     """``configs/train_default_prompter_r18_all.json`` over the scale-and-stain recipe (``..._r18_aug.json``): the
     same ResNet-18 prompter from random weights for 120 epochs, on CoNSeP and all 30 MoNuSeg images (each folder
-    split 80/20, so 0.5.0's validation images stay held out), "Other" weighted 3, the weights averaged (EMA 0.99)."""
+    split 80/20, so 0.5.0's validation images stay held out), "Other" weighted 3, the weights averaged (EMA 0.99),
+    the forward pass in bfloat16."""
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / name) for name in ("train.json", "train_default.json",
                                                           "train_default_prompter_r18_aug.json",
@@ -169,5 +170,6 @@ def test_prompter_from_scratch_on_all_data_config(shared_data):
     assert (hparams["backbone"], hparams["max_epochs"], hparams["lr_decay_epoch"], hparams["init_checkpoint"]) == (
         "resnet18", 120, 96, None)
     assert hparams["class_weights"] == [3.0, 1.0, 1.0, 1.0] and hparams["ema"] == 0.99
+    assert hparams["precision"] == "bfloat16"
     assert parser.get_parsed_content("prompter#output_dir").endswith("prompter_r18_all")
     assert "RandHEStaind" in str(parser.get_parsed_content("prompter#train#preprocessing#transforms", lazy=True))

@@ -222,13 +222,14 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tracked(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Both stages trained with plain ``--tracking mlflow`` (default store), then the segmentor again with the
-    settings file, another ``num_neg_prompts`` and a run name, into the same store."""
+    settings file, another ``num_neg_prompts``, a run name and bfloat16 arithmetic, into the same store."""
     out = tmp_path_factory.mktemp("mlflow") / "train"
     first = run_bundle("training", "configs/train.json", "--tracking", "mlflow", "--stage", "both",
                        "--dataset_dir", str(dataset), "--output_dir", str(out), *TINY)
     uri = path_to_sqlite_uri(out / "mlflow.db")
     second = run_bundle("training", "configs/train.json", "--tracking", "configs/mlflow.json", "--stage",
                         "segmentor", "--num_neg_prompts", "2", "--run_name", "negs2", "--tracking_uri", uri,
+                        "--segmentor#hparams#precision", "bfloat16",
                         "--dataset_dir", str(dataset), "--output_dir", str(out.parent / "train2"), *TINY)
     return {"uri": uri, "out": out, "logs": first.stdout + second.stdout}
 
@@ -257,6 +258,7 @@ def test_training_stages_are_tracked(tracked: dict) -> None:
     assert segmentor["params.sam_variant"] == "conv_small" and segmentor["params.focal_weight"] == "1.0"
     assert segmentor["params.num_neg_prompts"] == "1" and second["params.num_neg_prompts"] == "2"
     assert segmentor["params.seed"] == "0" and segmentor["params.max_epochs"] == "2"
+    assert segmentor["params.precision"] == "float32" and second["params.precision"] == "bfloat16"
     assert Path(segmentor["params.dataset_dir"]).name == "data"
 
     client = mlflow.MlflowClient(tracked["uri"])

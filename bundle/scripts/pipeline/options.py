@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from scripts.parse import as_bool, as_number
 
 @dataclass(frozen=True)
@@ -113,6 +115,17 @@ def as_scale(value: Any, name: str) -> float:
 
 ASSEMBLIES = ("ours", "official")
 PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def arithmetic_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The arithmetic that the ``precision`` option (one of :data:`PRECISIONS`) means on ``device``: bfloat16 when
+    asked, or with ``auto`` on a CPU with native bfloat16 instructions (AVX512-BF16 or AMX); float32 otherwise."""
+    precision = as_choice(precision, "precision", PRECISIONS)
+    if precision == "auto":
+        native = torch.device(device).type == "cpu" and any(
+            getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if precision == "bfloat16" else torch.float32
 
 
 def as_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:

@@ -27,7 +27,7 @@ from torch import nn
 
 from scripts.pipeline.instances import keep_one_region
 from scripts.pipeline.official import official_segment
-from scripts.pipeline.options import PipelineOptions, as_input_scale
+from scripts.pipeline.options import PipelineOptions, arithmetic_dtype, as_input_scale
 from scripts.pipeline.scale import (NUCLEUS_AREA, TRAINING_MPP, RunEvidence, ScaleChoice, ScaleRule,
                                      candidate_scale, median_area, resample, sample_rows, scale_from_mpp,
                                      scaled_points)
@@ -375,14 +375,8 @@ class PromptNucSeg(nn.Module):
         return kept[1]
 
     def dtype(self, module: nn.Module) -> torch.dtype:
-        """The arithmetic of ``module`` (on its device) under the ``precision`` option: bfloat16 when asked, or with
-        ``auto`` on a CPU with native bfloat16 instructions (AVX512-BF16 or AMX); float32 otherwise."""
-        device = self._device(module)
-        if self.options.precision == "auto":
-            native = device.type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in
-                                                  ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-            return torch.bfloat16 if native else torch.float32
-        return torch.bfloat16 if self.options.precision == "bfloat16" else torch.float32
+        """The arithmetic of ``module`` (on its device) under the ``precision`` option (:func:`arithmetic_dtype`)."""
+        return arithmetic_dtype(self.options.precision, self._device(module))
 
     def autocast(self, module: nn.Module) -> torch.autocast:
         """``torch.autocast`` to :meth:`dtype` on ``module``'s device (off for float32)."""

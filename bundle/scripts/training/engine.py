@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import IterationEvents
+from monai.inferers import Inferer
 
 from scripts.pipeline.instances import masks_to_instances
+from scripts.pipeline.options import PRECISIONS, arithmetic_dtype, as_choice
 from scripts.segmentor.classifier import classes_from_logits
 from scripts.segmentor.net import crop_windows
 
@@ -65,6 +67,35 @@ class SegmentorBatch:
         if "prompt_classes" in batchdata:
             targets["classes"] = torch.as_tensor(batchdata["prompt_classes"]).long().to(device)
         return image, targets, (coords, labels, valid), {}
+
+
+class PrecisionInferer(Inferer):
+    """The trainers' forward pass in the arithmetic of the ``precision`` option (``float32``, ``bfloat16``, ``auto``:
+    :func:`~scripts.pipeline.options.arithmetic_dtype`): in bfloat16 the network runs under ``torch.autocast`` (the
+    weights, their gradients and the optimiser stay float32) and its floating outputs come back as float32, so the
+    loss is computed in float32. MONAI's own ``amp`` flag autocasts on CUDA only, with a float16 loss scaler that
+    bfloat16 does not need."""
+
+    def __init__(self, precision: str = "float32") -> None:
+        super().__init__()
+        self.precision = as_choice(precision, "precision", PRECISIONS)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        dtype = arithmetic_dtype(self.precision, inputs.device)
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            pred = network(inputs, *args, **kwargs)
+        return _as_float32(pred) if dtype == torch.bfloat16 else pred
+
+
+def _as_float32(x: Any) -> Any:
+    """``x`` (a tensor, or dicts / lists / tuples of them) with its reduced-precision floating tensors as float32."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() and x.dtype != torch.float64 else x
+    if isinstance(x, dict):
+        return {key: _as_float32(value) for key, value in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_as_float32(v) for v in x)
+    return x
 
 
 class LossWithTerms:
