@@ -108,6 +108,27 @@ def test_older_formats_read_with_the_bundle_table_and_other_files_are_refused(sh
         export_model(*shipped_checkpoints, tmp_path / "x.pt", storage="bfloat16")
 
 
+def test_a_part_can_come_from_a_model_file(shipped_checkpoints, tmp_path) -> None:
+    """A new prompter with the shipped model's segmentor: the model file's part is taken as it is (its config and
+    its weights restored to float32); a file of another format is an error naming it."""
+    prompter = torch.load(shipped_checkpoints[0], weights_only=True)
+    prompter["network"] = {key: value + 1 if value.is_floating_point() else value
+                           for key, value in prompter["network"].items()}
+    atomic_torch_save(prompter, tmp_path / "new_prompter.pt")
+    mixed = read_model_file(export_model(tmp_path / "new_prompter.pt", SHIPPED, tmp_path / "mixed.pt"))
+    shipped = read_model_file(SHIPPED)
+    assert mixed["segmentor"]["config"] == shipped["segmentor"]["config"]
+    expected, got = part_state_dict(shipped, "segmentor"), part_state_dict(mixed, "segmentor")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert all(torch.equal(prompter["network"][k], v) for k, v in part_state_dict(mixed, "prompter").items())
+    atomic_torch_save({"format": "something/9"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt: not a PromptNucSeg model file"):
+        export_model(tmp_path / "new_prompter.pt", tmp_path / "other.pt", tmp_path / "x.pt")
+    atomic_torch_save({"weights": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(KeyError, match=r"foreign\.pt: not a training checkpoint"):
+        export_model(tmp_path / "foreign.pt", SHIPPED, tmp_path / "x.pt")
+
+
 def test_exported_model_carries_its_class_table(shipped_checkpoints, tmp_path) -> None:
     """A prompter trained with other class names (here PanNuke's, in another order) gives a table of those names,
     colours kept for the names the bundle knows and distinct for the others; an untyped model an empty table."""

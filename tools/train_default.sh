@@ -32,8 +32,10 @@
 # (lr 1e-4, x0.1 at 9; configs/train_default_segmentor_all.json) into runs/default/segmentor_all.
 # `tools/train_default.sh prompter_r18_all`: the 0.5.0 prompter's recipe (prompter_r18_aug: ResNet-18 from random
 # weights, 120 epochs, scale and stain augmentation) on all of ../shared/data (the same per-folder split), "Other"
-# weighted 3 and the weights averaged (EMA 0.99; configs/train_default_prompter_r18_all.json on top of
-# train_default_prompter_r18_aug.json) into runs/default/prompter_r18_all.
+# weighted 3, the weights averaged (EMA 0.99) and the forward pass in bfloat16 (from epoch 15 of the run behind it;
+# configs/train_default_prompter_r18_all.json on top of train_default_prompter_r18_aug.json) into
+# runs/default/prompter_r18_all. Against the shipped model on every source's held-out images, with the shipped
+# segmentor: .venv/bin/python benchmarks/compare_models.py --prompter bundle/runs/default/prompter_r18_all/best.pt
 # THREADS=2 tools/train_default.sh STAGE: torch threads per process (default 1; 2 when one stage runs alone).
 set -euo pipefail
 cd "$(dirname "$0")/../bundle"

@@ -55,16 +55,24 @@ def export_model(prompter_checkpoint: str | Path, segmentor_checkpoint: str | Pa
     """Combine the best prompter and segmentor checkpoints of a training run into one model file.
 
     Args:
-        prompter_checkpoint, segmentor_checkpoint: ``best.pt`` (or ``last.pt``) written by the training.
+        prompter_checkpoint, segmentor_checkpoint: ``best.pt`` (or ``last.pt``) written by the training, or a model
+            file, whose part of that name is taken (e.g. a new prompter with the shipped model's segmentor).
         output_path: the model file, e.g. ``models/model.pt`` (written atomically).
         storage: ``float32``; ``float16`` (half the size); ``int8`` (weight matrices as int8 with per-channel
             scales, the rest float16: about a quarter of the float32 size). Loaded back as float32 either way.
     """
-    parts = {}
-    for name, path in zip(PARTS, (prompter_checkpoint, segmentor_checkpoint)):
-        checkpoint = _training_checkpoint(path)
-        parts[name] = (checkpoint["config"], checkpoint["network"])
+    parts = {name: _part(path, name) for name, path in zip(PARTS, (prompter_checkpoint, segmentor_checkpoint))}
     return _write_model(parts, output_path, storage)
+
+
+def _part(path: str | Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, float32 state dict) of the part ``name`` from a training checkpoint or a model file at ``path``."""
+    loaded = load_checkpoint(path)
+    if isinstance(loaded, dict) and "format" in loaded:
+        model = _checked_format(loaded, path)
+        return model[name]["config"], part_state_dict(model, name)
+    checkpoint = _training_checkpoint(path, loaded)
+    return checkpoint["config"], checkpoint["network"]
 
 
 def export_joint_model(checkpoint: str | Path, output_path: str | Path, storage: str = "float32") -> Path:
@@ -80,9 +88,10 @@ def export_joint_model(checkpoint: str | Path, output_path: str | Path, storage:
     return _write_model(parts, output_path, storage)
 
 
-def _training_checkpoint(path: str | Path) -> dict:
-    checkpoint = load_checkpoint(path)
-    if "config" not in checkpoint or "network" not in checkpoint:
+def _training_checkpoint(path: str | Path, loaded: Any = None) -> dict:
+    """The training checkpoint at ``path`` (``loaded``: its contents, when already read), its keys checked."""
+    checkpoint = load_checkpoint(path) if loaded is None else loaded
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "network" not in checkpoint:
         raise KeyError(f"{path}: not a training checkpoint of this bundle (needs 'network' and 'config')")
     return checkpoint
 
@@ -146,6 +155,11 @@ def read_model_file(path: str | Path) -> dict:
     except Exception as error:  # not a torch file at all (text, truncated, another pickle): say what was expected
         raise ValueError(f"{path}: not a PromptNucSeg model file (torch.load failed: {type(error).__name__})"
                          ) from error
+    return _checked_format(model, path)
+
+
+def _checked_format(model: Any, path: str | Path) -> dict:
+    """``model`` (a loaded model file) when its format is one this code reads; else a ValueError naming ``path``."""
     if not isinstance(model, dict) or model.get("format") not in READABLE_FORMATS:
         found = model.get("format") if isinstance(model, dict) else type(model).__name__
         raise ValueError(f"{path}: not a PromptNucSeg model file (format {found!r}, expected one of "
