@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/compare_models"))
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
     args = parser.parse_args()
+    for name in ("candidate", "prompter", "segmentor", "baseline", "work"):  # the evaluation runs from bundle/
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
     for folder in args.sets:
         if not (SHARED_DATA / folder).is_dir():
             raise SystemExit(f"--sets: no folder {SHARED_DATA / folder}")
@@ -79,8 +82,9 @@ def main() -> None:
             results[name][folder] = scores(model, folder, args.work / name)
             print(row(name, folder, results[name][folder]), flush=True)
     worse = better_everywhere(results["candidate"], results["baseline"])
-    lines = [f"Baseline: `{args.baseline}`; candidate: `{args.candidate or f'{args.prompter} + {args.segmentor or args.baseline}'}`"
-             f" ({args.storage if args.candidate is None else 'as given'}). `configs/evaluate.json --subset val`, "
+    described = (f"`{args.candidate}` (as given)" if args.candidate else
+                 f"`{args.prompter}` + `{args.segmentor or args.baseline}` ({args.storage})")
+    lines = [f"Baseline: `{args.baseline}`; candidate: {described}. `configs/evaluate.json --subset val`, "
              "the pipeline's defaults.", "",
              "| model | source | held-out images | PQ | mPQ | AJI | detection precision / recall |",
              "|---|---|---|---|---|---|---|",

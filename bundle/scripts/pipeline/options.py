@@ -122,8 +122,8 @@ def arithmetic_dtype(precision: str, device: torch.device) -> torch.dtype:
     asked, or with ``auto`` on a CPU with native bfloat16 instructions (AVX512-BF16 or AMX); float32 otherwise."""
     precision = as_choice(precision, "precision", PRECISIONS)
     if precision == "auto":
-        native = torch.device(device).type == "cpu" and any(
-            getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        native = torch.device(device).type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
         return torch.bfloat16 if native else torch.float32
     return torch.bfloat16 if precision == "bfloat16" else torch.float32
 
