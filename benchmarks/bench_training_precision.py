@@ -22,13 +22,12 @@ import argparse
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from common import BUNDLE, DOCS, REPO, SHARED_DATA, machine, machine_line
+from common import DOCS, REPO, SHARED_DATA, bundle, machine, machine_line
 
 RECIPES = {  # stage: the configs on top of configs/train.json and configs/train_default.json
     "prompter": ["configs/train_default_prompter_r18_aug.json"],
@@ -62,14 +61,10 @@ def last_validation(log: str, key: str) -> dict[str, float]:
 
 
 def bundle_training(args: list[str], threads: int) -> str:
-    """``python -m monai.bundle run training ARGS`` from ``bundle/`` with ``threads`` torch threads; its log."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "MLFLOW_DISABLE_TELEMETRY": "true", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
-    return proc.stdout
+    """``python -m monai.bundle run training ARGS`` with ``threads`` torch threads and glibc told to keep freed
+    memory (as ``tools/train_default.sh`` runs it); its log."""
+    return bundle("training", *args, env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                                          "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"})
 
 
 def run_training(stage: str, precision: str, args: argparse.Namespace, work: Path) -> list[float]:

@@ -161,13 +161,15 @@ def instrumented(network, watch: Stopwatch) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- the bundle
-def bundle(*args: str) -> None:
-    """``python -m monai.bundle run *args`` from ``bundle/``; exits with the command's last output on failure."""
+def bundle(*args: str, env: dict[str, str] | None = None) -> str:
+    """``python -m monai.bundle run *args`` from ``bundle/`` (``env``: variables added to the environment); its
+    output (stdout and stderr); exits with the command's last output on failure."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", *args]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
     proc = subprocess.run(cmd, cwd=BUNDLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
+    return proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -187,9 +189,9 @@ def evaluate(folder: str, scale: float, method_args: list[str], model: Path, out
     return json.loads((out / "metrics.json").read_text())
 
 
-def fmt(value: float | None) -> str:
-    """A metric with 3 decimals, "–" where undefined."""
-    return "–" if value is None else f"{value:.3f}"
+def fmt(value: float | None, decimals: int = 3) -> str:
+    """A metric with ``decimals`` decimals, "–" where undefined."""
+    return "–" if value is None else f"{value:.{decimals}f}"
 
 
 def cells(metrics: dict, columns: Sequence[str] = COLUMNS) -> str:

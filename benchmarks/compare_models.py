@@ -18,15 +18,15 @@ import argparse
 import json
 from pathlib import Path
 
-from common import MODEL, SHARED_DATA, evaluate, machine_line
+from common import MODEL, SHARED_DATA, evaluate, fmt, machine_line
 from scripts.pipeline.model_file import export_model
 
 SETS = ("consep_train", "monuseg_train", "monuseg_train_extra")
 
 
-def fmt(value: float | None) -> str:
-    """A metric with 4 decimals (differences between close models are in the third), "–" where undefined."""
-    return "–" if value is None else f"{value:.4f}"
+def fmt4(value: float | None) -> str:
+    """A metric with 4 decimals: differences between close models are in the third."""
+    return fmt(value, 4)
 
 
 def scores(model: Path, folder: str, work: Path) -> dict:
@@ -36,8 +36,8 @@ def scores(model: Path, folder: str, work: Path) -> dict:
 
 def row(name: str, folder: str, metrics: dict) -> str:
     """One markdown row: model, source, held-out images, PQ, mPQ, AJI, detection precision / recall."""
-    return (f"| {name} | {folder} | {metrics.get('n_images')} | {fmt(metrics.get('pq'))} | {fmt(metrics.get('mpq'))} | "
-            f"{fmt(metrics.get('aji'))} | {fmt(metrics.get('precision_det'))} / {fmt(metrics.get('recall_det'))} |")
+    return (f"| {name} | {folder} | {metrics.get('n_images')} | {fmt4(metrics.get('pq'))} | {fmt4(metrics.get('mpq'))} | "
+            f"{fmt4(metrics.get('aji'))} | {fmt4(metrics.get('precision_det'))} / {fmt4(metrics.get('recall_det'))} |")
 
 
 def better_everywhere(candidate: dict[str, dict], baseline: dict[str, dict]) -> list[str]:
@@ -47,7 +47,7 @@ def better_everywhere(candidate: dict[str, dict], baseline: dict[str, dict]) -> 
     for folder, base in baseline.items():
         for metric in ("pq", "mpq"):
             if base.get(metric) is not None and not (candidate[folder].get(metric) or 0.0) > base[metric]:
-                worse.append(f"{folder}: {metric} {fmt(candidate[folder].get(metric))} vs {fmt(base[metric])}")
+                worse.append(f"{folder}: {metric} {fmt4(candidate[folder].get(metric))} vs {fmt4(base[metric])}")
     return worse
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.utils import apply_to_tensor, convert_tensor
 from monai.engines import IterationEvents
 from monai.inferers import Inferer
 
@@ -23,14 +24,6 @@ from scripts.segmentor.classifier import classes_from_logits
 from scripts.segmentor.net import crop_windows
 
 logger = get_logger("scripts.training.engine")
-
-
-def _to(x: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device=device, non_blocking=non_blocking)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to(v, device, non_blocking) for v in x)
-    return x
 
 
 class PrompterBatch:
@@ -45,8 +38,8 @@ class PrompterBatch:
         image = batchdata["image"].as_tensor() if hasattr(batchdata["image"], "as_tensor") else batchdata["image"]
         inst = torch.as_tensor(batchdata["inst"])
         targets = {
-            "points": [p.float() for p in _to(list(batchdata["points"]), device, non_blocking)],
-            "classes": [c.long() for c in _to(list(batchdata["point_classes"]), device, non_blocking)],
+            "points": [p.float() for p in convert_tensor(list(batchdata["points"]), device, non_blocking)],
+            "classes": [c.long() for c in convert_tensor(list(batchdata["point_classes"]), device, non_blocking)],
             "fg": (inst > 0).float().to(device=device, non_blocking=non_blocking),
         }
         return image.float().to(device=device, non_blocking=non_blocking), targets
@@ -84,18 +77,9 @@ class PrecisionInferer(Inferer):
         dtype = arithmetic_dtype(self.precision, inputs.device)
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             pred = network(inputs, *args, **kwargs)
-        return _as_float32(pred) if dtype == torch.bfloat16 else pred
-
-
-def _as_float32(x: Any) -> Any:
-    """``x`` (a tensor, or dicts / lists / tuples of them) with its reduced-precision floating tensors as float32."""
-    if isinstance(x, torch.Tensor):
-        return x.float() if x.is_floating_point() and x.dtype != torch.float64 else x
-    if isinstance(x, dict):
-        return {key: _as_float32(value) for key, value in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_as_float32(v) for v in x)
-    return x
+        if dtype != torch.bfloat16:
+            return pred
+        return apply_to_tensor(pred, lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t)
 
 
 class LossWithTerms:
