@@ -52,18 +52,16 @@ timeout 200 $PY -m monai.bundle run training --config_file "['configs/train.json
 echo "training exit $? after $(( $(date +%s) - START )) s ($STEPS iterations per stage)"
 kill "$(cat "$WORK/mem.pid")" 2>/dev/null
 $PY - "$OUT/train.log" "$MEM" <<'EOF'
-"""Seconds per iteration of each stage (from the ignite log's timestamps) and the peak GPU memory."""
-import re, sys
-from datetime import datetime
-stamps = {}
-for line in open(sys.argv[1], errors="replace"):
-    m = re.match(r"(\S+ \S+) - INFO - Epoch: \d+/\d+, Iter: (\d+)/\d+ -- (prompter|segmentor)_loss", line)
-    if m:
-        stamps.setdefault(m[3], []).append((int(m[2]), datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f")))
-for stage, points in stamps.items():
-    (i0, t0), (i1, t1) = points[0], points[-1]
-    if i1 > i0:
-        print(f"{stage}: {(t1 - t0).total_seconds() / (i1 - i0):.3f} s per iteration (iterations {i0}-{i1})")
+"""Seconds per iteration of each stage (the ignite log's timestamps, read by the precision benchmark's parser) and
+the peak GPU memory."""
+import statistics, sys
+sys.path.insert(0, "../benchmarks")
+from bench_training_precision import iteration_seconds
+log = open(sys.argv[1], errors="replace").read()
+for stage in ("prompter", "segmentor"):
+    seconds = iteration_seconds(log, stage, skip=5)
+    if seconds:
+        print(f"{stage}: {statistics.median(seconds):.3f} s per iteration (median of {len(seconds)}, the first 5 left out)")
 try:
     used = [float(row.split(",")[1]) for row in open(sys.argv[2]) if row.count(",") == 1]
     print(f"peak GPU memory used: {max(used) / 1024:.1f} GiB" if used else "GPU memory: not sampled")
