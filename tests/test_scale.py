@@ -96,6 +96,37 @@ def test_auto_takes_the_candidate_scale_only_when_the_segmentor_is_surer_there()
     assert large.checked == [0.5] and out["scale"].scale == 0.5 and large.runs[-1] == (200, 200)
 
 
+class NoisyGainStub(StubPipeline):
+    """A stub whose nuclei gain ``gains[i]`` in predicted IoU when decoded again at the candidate scale."""
+
+    def __init__(self, gains: torch.Tensor, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gains, self.sampled = gains, []
+
+    def _ious_at(self, image, points, rows, scale):
+        self.checked.append(scale)
+        self.sampled.append(rows)
+        return self.iou_at[1.0] + self.gains[rows]
+
+
+def test_a_dense_image_decides_on_the_mean_gain_of_many_nuclei():
+    """One nucleus's gain varies by about 0.085 on real images: a dense image's verdict must rest on enough of its
+    nuclei (spread over all of them) that it is the verdict of their true mean, for any draw of the gains."""
+    rule = ScaleRule()
+    smallish = int((0.8 * NUCLEUS_AREA) ** 0.5)  # small for 40x, not rare: the margin applies
+    size = 25 * 2 * smallish  # a 25 x 25 grid: 625 nuclei
+    verdicts = []
+    for seed in range(20):
+        gains = torch.normal(rule.margin + 0.015, 0.085, (625,), generator=torch.Generator().manual_seed(seed))
+        gains += rule.margin + 0.015 - gains.mean()  # their mean: 0.015 above the margin
+        stub = NoisyGainStub(gains, smallish, {1.0: 0.6}, size)
+        stub.iou_at[2.0] = 0.6
+        verdicts.append(stub(torch.rand(3, size, size) * 255)["scale"].scale)
+        rows = stub.sampled[0]
+        assert len(rows) == rule.sample and rows[0] == 0 and rows[-1] == 624  # spread over every nucleus
+    assert verdicts == [2.0] * 20
+
+
 def test_an_image_with_few_nuclei_follows_its_run():
     """Sparse tiles cannot tell alone: they follow the evidence of the images of the run checked before them."""
     small = int((0.8 * NUCLEUS_AREA) ** 0.5)
